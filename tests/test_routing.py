@@ -416,6 +416,49 @@ def test_service_for_address() -> None:
     assert t.service_for_address("not-an-ip", 8080) is None
 
 
+def _on(host: str, ports: list[int], addresses: list[str]) -> Service:
+    return Service.create(
+        host,
+        [ServicePort(p, f"tcp-{p}", "TCP") for p in ports],
+        [Endpoint("198.18.0.20", 9)],
+        addresses=addresses,
+    )
+
+
+def test_services_sharing_an_address_on_different_ports_are_each_found_on_theirs() -> None:
+    """A VIP is an address and a port, as Istio's outbound listeners are
+    (10.9.9.9_80, 10.9.9.9_81): the service listed second is found on its
+    own port (before: the address was the first's, port 81 None)."""
+    a = _on("a.example.com", [80], ["10.9.9.9"])
+    b = _on("b.example.com", [81, 82], ["10.9.9.9/32", "::ffff:10.9.9.10"])
+    c = _on("c.example.com", [83], ["10.9.0.0/16"])  # a block covering both
+    d = _on("d.example.com", [84], ["10.9.9.0/24"])
+    t = RouteTable([a, b, c, d])
+    for ip, port, host in [
+        ("10.9.9.9", 80, "a.example.com"),
+        ("10.9.9.9", 81, "b.example.com"),
+        ("::ffff:10.9.9.9", 82, "b.example.com"),
+        ("10.9.9.10", 81, "b.example.com"),
+        ("10.9.9.10", 80, None),  # b's address, not a's port there
+        ("10.9.9.9", 83, "c.example.com"),  # the block's, on its port
+        ("10.9.9.9", 84, "d.example.com"),
+        ("10.9.1.1", 83, "c.example.com"),
+        ("10.9.1.1", 84, None),
+        ("10.9.9.9", 85, None),  # the address, known on no such port
+    ]:
+        got = t.service_for_address(ip, port)
+        assert (got[0].host if got else None) == host, (ip, port)
+        if got is not None:
+            assert got[1].number == port
+    # Overlapping blocks: the first listed with the port wins.
+    e = _on("e.example.com", [90], ["10.8.0.0/16"])
+    f = _on("f.example.com", [90, 91], ["10.8.1.0/24"])
+    t = RouteTable([e, f])
+    assert t.service_for_address("10.8.1.1", 90)[0] is e  # type: ignore[index]
+    assert t.service_for_address("10.8.1.1", 91)[0] is f  # type: ignore[index]
+    assert t.service_for_address("10.8.2.1", 91) is None
+
+
 @pytest.mark.parametrize(
     "host",
     [

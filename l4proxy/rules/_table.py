@@ -251,7 +251,7 @@ def _registry(d: Drafts) -> dict[str, Service]:
             addr, number, other = vip_clash
             sd.where.error(
                 f"address {addr} port {number} is already the VIP of {other}; "
-                "give each service its own address"
+                "give each service its own address, or its own ports on a shared one"
             )
         services[svc.host] = svc
         origin[svc.host] = sd

@@ -1882,35 +1882,49 @@ class RouteTable:
 
         # Derived indexes (not part of equality: they follow from the above).
         self._by_name: dict[str, Service] = {}
-        self._by_address: dict[str, Service] = {}
+        # A VIP is an address *and* a port, as Istio's outbound listeners are
+        # (10.9.9.9_80, 10.9.9.9_81): two services may share an address on
+        # different ports (the load refuses a clash on the same address and
+        # port), each reached on its own. (address, port) → its first
+        # service listing both, and that port of it.
+        self._by_address: dict[tuple[str, int], tuple[Service, ServicePort]] = {}
         self._by_network: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Service]] = []
-        # _by_network by (IP version, prefix length), then the block's first
-        # address → (its place in _by_network, its service): an address is
-        # looked up once per prefix length, where each connection to an
-        # address no VIP is walked every block (50,000 CIDR addresses: 19 ms
-        # of a worker per connection)
-        self._network_index: dict[tuple[int, int], dict[int, tuple[int, Service]]] = {}
+        # _by_network by (IP version, prefix length), then (the block's first
+        # address, a port of its service) → (the block's place in
+        # _by_network, its service and that port): an address is looked up
+        # once per prefix length, where each connection to an address no
+        # VIP is walked every block (50,000 CIDR addresses: 19 ms of a
+        # worker per connection)
+        self._network_index: dict[
+            tuple[int, int], dict[tuple[int, int], tuple[int, Service, ServicePort]]
+        ] = {}
         for svc in self._services.values():
             if svc.role == "gateway":
                 continue  # reached only through its ingress paths
             for name in (svc.host, *svc.aliases):
                 self._by_name.setdefault(name.lower(), svc)
             for addr in svc.addresses:
+                norm: str | None
                 if "/" in addr:
                     net = ipaddress.ip_network(addr, strict=False)
                     if net.num_addresses == 1:
-                        self._by_address.setdefault(str(net.network_address), svc)
+                        norm = str(net.network_address)
                     else:
+                        norm = None
                         self._by_network.append((net, svc))
-                        # (the first listed wins where blocks overlap, as
-                        # a walk of _by_network in order finds it)
-                        self._network_index.setdefault((net.version, net.prefixlen), {}).setdefault(
-                            int(net.network_address), (len(self._by_network), svc)
-                        )
+                        # (the first listed with the port wins where blocks
+                        # overlap, as a walk of _by_network in order finds it)
+                        blocks = self._network_index.setdefault((net.version, net.prefixlen), {})
+                        start = int(net.network_address)
+                        for sport in svc.ports:
+                            blocks.setdefault(
+                                (start, sport.number), (len(self._by_network), svc, sport)
+                            )
                 else:
                     norm = _normalize_ip(addr)
-                    if norm is not None:
-                        self._by_address.setdefault(norm, svc)
+                if norm is not None:
+                    for sport in svc.ports:
+                        self._by_address.setdefault((norm, sport.number), (svc, sport))
         self._http_ports = frozenset(
             p.number
             for svc in self._services.values()
@@ -2253,26 +2267,28 @@ class RouteTable:
         return port in self._http_ports
 
     def service_for_address(self, ip: str, port: int) -> tuple[Service, ServicePort] | None:
-        """The service whose VIP (ServiceEntry ``addresses``) is *ip* and has *port*."""
+        """The service whose VIP (ServiceEntry ``addresses``) is *ip* on
+        *port*: a VIP is an address and a port, as Istio's outbound
+        listeners are, so services that share an address on different
+        ports are each found on theirs. An address known only on other
+        ports is None (what no VIP is: the Host header, then passthrough
+        or REGISTRY_ONLY's refusal, as classify() says)."""
         norm = _normalize_ip(ip)
         if norm is None:
             return None
-        svc = self._by_address.get(norm)
-        if svc is None and self._network_index:
+        found = self._by_address.get((norm, port))
+        if found is None and self._network_index:
             addr = ipaddress.ip_address(norm)
             n, bits = int(addr), addr.max_prefixlen
-            best: tuple[int, Service] | None = None
+            best: tuple[int, Service, ServicePort] | None = None
             for (version, prefixlen), blocks in self._network_index.items():
                 if version == addr.version:
-                    got = blocks.get(n >> (bits - prefixlen) << (bits - prefixlen))
+                    got = blocks.get((n >> (bits - prefixlen) << (bits - prefixlen), port))
                     if got is not None and (best is None or got[0] < best[0]):
                         best = got
             if best is not None:
-                svc = best[1]
-        if svc is None:
-            return None
-        sport = svc.port(port)
-        return None if sport is None else (svc, sport)
+                found = (best[1], best[2])
+        return found
 
     def service_for_host(self, host: str, port: int) -> tuple[Service, ServicePort] | None:
         """The service a Host header names: short name, name.ns, name.ns.svc, FQDN,
