@@ -403,10 +403,10 @@ EP's ``overflows``, no outcome; a retry's request lost, answered so too:
 them down) links the Conn at the tail of its EP's line (``pend_head``,
 ``Conn.pend_ep``), or overflows with ``max_pending`` waiting. A waiting
 Conn is in ``P_CONNECT`` without an upstream, as a backoff's wait, its
-client watched for a reset, its route and per-try timers running (a
-per-try timeout retries it as one still connecting: ``can_retry``); it
-leaves the line in ``route_timeout()`` (its 504), ``policy_retry()`` and
-``conn_forget()``. ``up_release()`` pooling a connection, ``up_close()``
+client watched for a reset, its route timer running (no per-try timer:
+a try's starts once its connection is ready, ``try_timer()``, as Envoy's
+pending request has none); it leaves the line in ``route_timeout()``
+(its 504) and ``conn_forget()``. ``up_release()`` pooling a connection, ``up_close()``
 and a new limit kick the EP (``Relay.kick_head``); ``serve_pending()``,
 at the top of ``run()``'s loop, checks out to the waiting ones in order
 while the limits allow (before epoll waits: no wake-up, no scan of a line
@@ -4318,10 +4318,12 @@ cdef inline bint can_retry(Conn *c) noexcept nogil:
     REPLAY_LIMIT: a retry's longer x-envoy-attempt-count, 10, may take a
     copy of exactly the limit past it, attempt_count()), nothing of the
     response having reached the client (_can_retry in _exchange_py.py).
-    c.up: the try to give up (NULL: a retry's last connect failed), or a
-    try waiting for a connection (c.pend_ep: as one connecting)."""
+    c.up: the try to give up, its connection ready (NULL: a retry's last
+    connect failed). A try waiting in line for a connection (c.pend_ep) or
+    still connecting is never given up here: no response or reset of its
+    own comes, and its per-try timer has not started (try_timer())."""
     return (c.retry != NULL and c.tries < c.retry.attempts
-            and (c.up != NULL or c.pend_ep != NULL)
+            and c.up != NULL
             and c.req_left == 0 and c.replayable and c.replay.len <= REPLAY_LIMIT
             and c.client_bytes == 0 and c.splicing == 0)
 
@@ -4346,24 +4348,18 @@ cdef double backoff_delay(Relay *R, const Retry_ *p, int n) noexcept nogil:
 
 cdef void policy_retry(Relay *R, Conn *c, int why, double now) noexcept nogil:
     """Give the try on c.up up (closed, never pooled; *why*: how its
-    endpoint served it, OD_*, or -1: nothing to tell) and send the request
+    endpoint served it, OD_*) and send the request
     again once its backoff passed (backoff_delay; retry_send()), to another
     endpoint first (retry_order; without c.retry.ignore_prev, to the
     candidates as drawn: the same endpoint), its per-try timer started again
     once the retry's connection is ready (try_timer(); _policy_retry in _exchange_py.py; the route timeout runs on, and
     answers 504 should it pass during the backoff). Meanwhile c waits in
     P_CONNECT without an upstream, c.backoff_until set, R.next_timer no
-    later than it (timers_due())."""
-    cdef EP *ep
-    if c.pend_ep != NULL:  # a try waiting for a connection (none times out: try_timer())
-        ep = c.pend_ep
-        pend_unlink(c)
-    elif c.up != NULL:
-        ep = c.up.ep
-    else:  # a try that never had a connection
-        ep = c.cand[0]
-    if why >= 0 and c.up != NULL:  # (no try, no outcome: the endpoint did nothing)
-        outcome(R, c, ep, why)
+    later than it (timers_due()). Every caller has can_retry(): c.up is
+    set, its connection ready (never a try in line for one, c.pend_ep, nor
+    one connecting: neither has a per-try timer running, try_timer())."""
+    cdef EP *ep = c.up.ep
+    outcome(R, c, ep, why)
     up_discard(R, c)
     c.tries += 1
     L4R_ADD(&R.ctr[<int>CT_RETRIES], 1)
@@ -7828,7 +7824,9 @@ cdef bint exchange_timer(Relay *R, Conn *c, double now) noexcept nogil:
     c.try_deadline = 0
     if c.retry != NULL and c.retry.on & RT_ON_RESET and can_retry(c):
         L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
-        policy_retry(R, c, -1 if c.up == NULL or c.up.connecting else OD_TIMEOUT, now)
+        # (the try's connection is ready: its timer starts no sooner,
+        # try_timer(); can_retry() wants c.up)
+        policy_retry(R, c, OD_TIMEOUT, now)
     else:
         route_timeout(R, c, now)
     return True

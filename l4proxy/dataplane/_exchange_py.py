@@ -684,7 +684,7 @@ def _sent_up(line: bytes, head: RequestHead, named: set[bytes], upgrading: bool)
 # policy's try, and a try whose connect failed (Envoy's router counts it:
 # its connect-failure retry), rewrite it in the replay, or in the head when
 # the first try was still connecting (attempt_counted(), _policy_retry(),
-# try_timeout(), connect_failed()); the relay's own retry of a reused
+# connect_failed()); the relay's own retry of a reused
 # connection is no try: its count stays.
 ATTEMPT_COUNT: Final = b"x-envoy-attempt-count"
 _FIRST_TRY: Final = ATTEMPT_COUNT + b": 1\r\n"
@@ -1603,20 +1603,15 @@ class Exchange:
         connection): the try is given up and the request sent
         again when the policy has a try left and the request is held, else
         as the route timeout (504). Ignored once a final response head went
-        out, as Envoy ignores it once the response began."""
-        if self.phase == Phase.ROUTING and self.retry is not None:
-            # the first try still connecting (a request without a body;
-            # the shell times no try before its connection is ready)
-            if self.retry.on_reset and self._tries < self.retry.attempts:
-                self._tries += 1  # (the head, not sent yet, says which try it is)
-                self._sent_head = attempt_counted(self._sent_head, self._attempt())
-                return [Release(False), Retry(policy=True)]
-            return self._timed_out(accesslog.UT)
+        out, as Envoy ignores it once the response began. The try is
+        routed (:meth:`routed`: phase EXCHANGE, not between a Retry and
+        its connection): the shell starts no try's timer sooner, and stops
+        it at each Retry."""
         if self.phase != Phase.EXCHANGE or self._response is not None:
             return []
         # a timed-out try is a reset to Envoy: retried only under the
         # policies that retry one (on_reset: 5xx, gateway-error, reset)
-        if self.retry is not None and self.retry.on_reset and self._can_retry(connecting=True):
+        if self.retry is not None and self.retry.on_reset and self._can_retry():
             return self._policy_retry("upstream request timeout")
         return self._timed_out(accesslog.UT)
 
@@ -1661,15 +1656,14 @@ class Exchange:
         repeats)."""
         return self._tries + self._failed_connects + 1
 
-    def _can_retry(self, connecting: bool = False) -> bool:
+    def _can_retry(self) -> bool:
         """The retry policy has a try left and the request is held whole
         for it, nothing of the response having reached the client; a try
         is on (not a retry's connect that failed: its end goes to the
-        client; *connecting*: a retry's connect that took too long is a
-        try given up)."""
+        client)."""
         return (
             self.retry is not None
-            and (connecting or not self._retrying)
+            and not self._retrying
             and self._tries < self.retry.attempts
             and self._request is not None
             and self._request.done
