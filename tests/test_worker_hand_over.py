@@ -782,7 +782,9 @@ async def _end(
     sock: socket.socket, stats: bytes, word_first: Callable[[], bool] | None = None
 ) -> None:
     """A worker's end of its control channel answering ``stats`` with the
-    recorded payload *stats* and anything else True; ``leaving`` (its word)
+    recorded payload *stats*, ``final`` too (a leaving worker's last
+    counts, as a real one gives them: it served nothing since its scrape)
+    and anything else True; ``leaving`` (its word)
     is held, and said just before the first ``stats`` answer where
     *word_first* is given, that answer written once *word_first* says that
     the supervisor took the word (a SIGTERM to the worker while a /stats
@@ -796,6 +798,9 @@ async def _end(
             op = decode_request(frame)
             if op == "leaving":
                 word = frame.id
+                continue
+            if op == "final":  # (answered at once: the test says when it exits)
+                await loop.sock_sendall(sock, HEADER.pack(len(stats), frame.id) + stats)
                 continue
             if op == "stats":
                 if word_first is not None and word is not None:
