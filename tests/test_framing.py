@@ -21,6 +21,7 @@ from l4proxy.dataplane._framing_py import (
     FramingError,
     ResponseHead,
     crlf_head,
+    head_may_end,
     parse_response_head,
     request_framing,
     response_framing,
@@ -446,3 +447,27 @@ def test_response_framing_refusals(request_raw: bytes, raw: bytes, why: str) -> 
     with pytest.raises(FramingError) as e:
         response_framing(request, response)
     assert (e.value.status, e.value.reason) == (502, why)
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+@pytest.mark.parametrize("step", [1, 2, 3, 7])
+def test_a_trickled_head_is_judged_once_its_end_may_be_there(eol: bytes, step: int) -> None:
+    """head_may_end (the pure relay's look for a response head's end, and
+    its copies' answers'): a head read in *step*-byte pieces is parsed at
+    its first read, then not again until the read that completes its empty
+    line (one straddling two reads found), and the bytes it looks at stay
+    linear in the head's size (each look from where the last one stopped,
+    less two bytes; then one parse of the whole)."""
+    head = b"HTTP/1.1 200 OK" + eol + b"".join(b"X-%d: v" % i + eol for i in range(40)) + eol
+    buf, clean, looked, parsed_at = bytearray(), 0, 0, []
+    for i in range(0, len(head), step):
+        old = len(buf)
+        buf += head[i : i + step]
+        parse, clean, n = head_may_end(buf, old, clean, 65536)
+        looked += n
+        if parse:
+            parsed_at.append(len(buf))
+            complete = parse_response_head(bytes(buf), 65536) is not None
+            assert complete == (len(buf) == len(head)), len(buf)
+    assert parsed_at == [min(step, len(head)), len(head)]
+    assert looked <= len(head) + 2 * (len(head) // step + 1) + len(head)

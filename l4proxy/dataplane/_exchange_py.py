@@ -315,6 +315,7 @@ from l4proxy.dataplane.framing import (
     ResponseHead,
     bodiless_head,
     crlf_head,
+    head_may_end,
     parse_response_head,
     request_framing,
     response_framing,
@@ -1811,22 +1812,15 @@ class Exchange:
         buf = self._response_head
         old = len(buf)
         buf += data
-        if old:
-            # a head trickled in: parsed again only once its end may be
-            # here (an empty line's LF, LF or LF, CR, LF: parse_response_head
-            # says None without one), looked for from where the last look
-            # stopped, not from its start at each read (quadratic in its size)
-            clean = self._response_clean
-            if clean <= old and len(buf) <= self.max_head:
-                start = clean - 2 if clean > 2 else 0
-                if self._counters is not None:
-                    self._counters["response_head_rescan_bytes"] += len(buf) - start
-                if buf.find(b"\n\n", start) < 0 and buf.find(b"\n\r\n", start) < 0:
-                    self._response_clean = len(buf)
-                    return []
-            if self._counters is not None:
-                self._counters["response_head_rescan_bytes"] += len(buf)
-        self._response_clean = 0
+        # a head trickled in: parsed again only once its end may be here
+        # (head_may_end: looked for from where the last look stopped)
+        parse, self._response_clean, looked = head_may_end(
+            buf, old, self._response_clean, self.max_head
+        )
+        if self._counters is not None:
+            self._counters["response_head_rescan_bytes"] += looked
+        if not parse:
+            return []
         out: list[Action] = []
         while True:
             try:

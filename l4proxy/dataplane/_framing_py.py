@@ -115,6 +115,7 @@ __all__ = [
     "ResponseHead",
     "bodiless_head",
     "crlf_head",
+    "head_may_end",
     "parse_response_head",
     "request_framing",
     "response_framing",
@@ -249,6 +250,32 @@ def parse_response_head(
         head_length=pos,
         bare_lf=bare_lf,
     )
+
+
+def head_may_end(
+    buf: bytes | bytearray, old: int, clean: int, max_head: int
+) -> tuple[bool, int, int]:
+    """A response head read in pieces: whether *buf* (its bytes so far,
+    *old* of them before this read) is to be parsed now; with the new
+    *clean* (``buf[:clean]`` holds no end of a head: where the next look
+    starts; 0 once it is to be parsed) and the bytes this looked at, the
+    parse included (the rescan counters: response_head_rescan_bytes,
+    mirror_head_rescan_bytes). The first read is parsed at once. Later ones
+    only once a head's end may be there (an empty line's LF, LF or LF, CR,
+    LF: :func:`parse_response_head` says None without one), looked for from
+    where the last look stopped (less two bytes: one that straddles it is
+    found), or once past *max_head* (the parser refuses it); not from its
+    start at each read (quadratic in its size). The compiled twin's
+    head_end_in(), in ext/relay.pyx."""
+    if not old:
+        return True, 0, 0
+    looked = 0
+    if clean <= old and len(buf) <= max_head:
+        start = clean - 2 if clean > 2 else 0
+        looked = len(buf) - start
+        if buf.find(b"\n\n", start) < 0 and buf.find(b"\n\r\n", start) < 0:
+            return False, len(buf), looked
+    return True, 0, looked + len(buf)
 
 
 def crlf_head(raw: bytes) -> bytes:

@@ -403,6 +403,7 @@ from l4proxy.dataplane._framing_py import (
     Framing,
     FramingError,
     ResponseHead,
+    head_may_end,
     parse_response_head,
 )
 from l4proxy.dataplane._peek_py import DEFAULT_MAX_HEAD, MAX_CL_DIGITS, RequestHead
@@ -2082,22 +2083,13 @@ class HttpRelay:
         end may be there (an empty line's LF, LF or LF, CR, LF:
         parse_response_head says None without one), looked for from where
         the last look stopped, or once past max_head; not from its start at
-        each read (quadratic in its size), as Exchange._response_head_bytes
-        does. Its first read is judged at once."""
-        buf = sh.head
-        old = len(buf)
-        buf += data
-        if old:
-            clean = sh.head_clean
-            if clean <= old and len(buf) <= self.max_head:
-                start = clean - 2 if clean > 2 else 0
-                self.counters["mirror_head_rescan_bytes"] += len(buf) - start
-                if buf.find(b"\n\n", start) < 0 and buf.find(b"\n\r\n", start) < 0:
-                    sh.head_clean = len(buf)
-                    return False
-            self.counters["mirror_head_rescan_bytes"] += len(buf)
-        sh.head_clean = 0
-        return True
+        each read (quadratic in its size): head_may_end, as
+        Exchange._response_head_bytes. Its first read is judged at once."""
+        old = len(sh.head)
+        sh.head += data
+        parse, sh.head_clean, looked = head_may_end(sh.head, old, sh.head_clean, self.max_head)
+        self.counters["mirror_head_rescan_bytes"] += looked
+        return parse
 
     def _shadow_retry(self, sh: _Shadow, now: float) -> None:
         """A copy on a reused connection that failed before any byte of its
