@@ -830,9 +830,6 @@ def test_a_scrape_that_the_worker_s_word_overtakes_counts_it_once() -> None:
     with _view(40) as old_view, _view(7) as new_view:
         old_stats, new_stats = asyncio.run(_recorded([old_view, new_view]))
 
-    def connections(stats: Any) -> float:
-        return sum(stats.sample.series["l4proxy_connections_total"].values())
-
     async def main() -> list[float]:
         sup = Supervisor(argparse.Namespace(drain_duration=20.0), [[]])
         [slot] = sup.slots
@@ -844,20 +841,16 @@ def test_a_scrape_that_the_worker_s_word_overtakes_counts_it_once() -> None:
         slot.proc, slot.link = old, link  # type: ignore[assignment]
         slot.notice = link.tell("leaving")
         waiting = asyncio.ensure_future(sup._wait_worker(slot, old))  # type: ignore[arg-type]
-        sums = [connections(await sup.stats())]  # the word comes during it
+        sums = [_connections(await sup.stats())]  # the word comes during it
         assert await waiting is None and len(slot.leaving) == 1
-        ours2, theirs2 = socket.socketpair()
-        end2 = asyncio.ensure_future(_end(theirs2, new_stats))
-        link2 = SupervisorEnd(ours2, lambda why: None)
-        await link2.open()
-        slot.proc, slot.link = _Exiting(102), link2  # type: ignore[assignment]
-        sums.append(connections(await sup.stats()))  # the successor's first answer
-        sums.append(connections(await sup.stats()))
+        end2, link2 = await _successor(slot, new_stats)
+        sums.append(_connections(await sup.stats()))  # the successor's first answer
+        sums.append(_connections(await sup.stats()))
         old.exit()
         task = slot.leaving[0].task
         assert task is not None
         await task
-        sums.append(connections(await sup.stats()))  # its counts in the base now
+        sums.append(_connections(await sup.stats()))  # its counts in the base now
         link2.close()
         for t in (end, end2):
             t.cancel()
@@ -871,6 +864,22 @@ def test_a_scrape_that_the_worker_s_word_overtakes_counts_it_once() -> None:
 def _view(connections: int) -> Iterator[WorkerView]:
     with _worker(_rows(3, seed=connections), connections) as view:
         yield view
+
+
+def _connections(stats: Any) -> float:
+    """The supervisor's /stats sum of l4proxy_connections_total."""
+    return float(sum(stats.sample.series["l4proxy_connections_total"].values()))
+
+
+async def _successor(slot: Any, stats: bytes) -> tuple[asyncio.Future[None], SupervisorEnd]:
+    """*slot*'s next worker (pid 102), its end answering ``stats`` with
+    *stats* over a real channel (a socketpair): its task and link."""
+    ours, theirs = socket.socketpair()
+    end = asyncio.ensure_future(_end(theirs, stats))
+    link = SupervisorEnd(ours, lambda why: None)
+    await link.open()
+    slot.proc, slot.link = _Exiting(102), link
+    return end, link
 
 
 async def _end_with_final(sock: socket.socket, scraped: bytes, final: bytes) -> None:
@@ -912,9 +921,6 @@ def test_a_leaving_worker_s_final_counts_reach_the_base_once() -> None:
     with _view(40) as scraped_view, _view(45) as final_view, _view(7) as new_view:
         scraped, final, new_stats = asyncio.run(_recorded([scraped_view, final_view, new_view]))
 
-    def connections(stats: Any) -> float:
-        return sum(stats.sample.series["l4proxy_connections_total"].values())
-
     async def main() -> list[float]:
         sup = Supervisor(argparse.Namespace(drain_duration=20.0), [[]])
         [slot] = sup.slots
@@ -924,24 +930,20 @@ def test_a_leaving_worker_s_final_counts_reach_the_base_once() -> None:
         link = SupervisorEnd(ours, lambda why: None)
         await link.open()
         slot.proc, slot.link = old, link  # type: ignore[assignment]
-        sums = [connections(await sup.stats())]
+        sums = [_connections(await sup.stats())]
         slot.notice = link.tell("leaving")
         assert await sup._wait_worker(slot, old) is None  # type: ignore[arg-type]
         [leaving] = slot.leaving
-        ours2, theirs2 = socket.socketpair()
-        end2 = asyncio.ensure_future(_end(theirs2, new_stats))
-        link2 = SupervisorEnd(ours2, lambda why: None)
-        await link2.open()
-        slot.proc, slot.link = _Exiting(102), link2  # type: ignore[assignment]
-        sums.append(connections(await sup.stats()))  # (the final, then the scrape's answer)
+        end2, link2 = await _successor(slot, new_stats)
+        sums.append(_connections(await sup.stats()))  # (the final, then the scrape's answer)
         assert leaving.final is not None and leaving.final.done()
         old.exit()
         theirs.close()  # (its end of the channel goes with it)
         assert leaving.task is not None
         await leaving.task
         assert slot.leaving == []
-        sums.append(connections(await sup.stats()))  # its final counts in the base now
-        sums.append(connections(await sup.stats()))
+        sums.append(_connections(await sup.stats()))  # its final counts in the base now
+        sums.append(_connections(await sup.stats()))
         link2.close()
         for t in (end, end2):
             t.cancel()
