@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import signal
@@ -1032,3 +1033,107 @@ def test_a_stop_just_before_serving_wins_over_it(
         assert asyncio.run(main()) == [[], ["close"]]  # was [[], []]
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_stats_scraped_throughout_a_worker_s_own_exit_counts_each_request_once(
+    tmp_path: Path, impl: str, workers: str
+) -> None:
+    """/stats scraped without a pause (a thread, every few ms) from before
+    worker 0's SIGTERM alone until after its exit, requests served
+    throughout: no scrape ever counts more requests than were sent (its
+    final counts and a crossing scrape's answer, or its final counts and
+    the base, never both), the count never goes back, and once it exited
+    it is every request answered (review8: the final counts raced by
+    scrapes)."""
+    flags = ("--workers", workers, "--drain-duration", "20", "--http-routing", "request")
+    with running(tmp_path, impl, *flags) as (sidecar, backend):
+        sidecar.until(
+            lambda: sidecar.log().count(" worker: listening: ") == int(workers), "every worker"
+        )
+        [old] = _started(sidecar, 0)
+        pids = [old, *(_started(sidecar, 1) if workers == "2" else [])]
+        sent = answered = 0
+        seen: list[float] = []
+        done = threading.Event()
+
+        def scrape() -> None:
+            while not done.is_set():
+                seen.append(_stat(sidecar, "istio_requests_total"))
+                time.sleep(0.005)
+
+        def quick(n: int) -> None:
+            nonlocal sent, answered
+            for _ in range(n):
+                sent += 1
+                with sidecar.connect() as sock:
+                    sock.sendall(GET % b"/")
+                    assert read_answer(sock)[0] == 200
+                    answered += 1
+
+        scraper = threading.Thread(target=scrape, daemon=True)
+        scraper.start()
+        try:
+            quick(10)
+            slow = _held_in(sidecar, backend, old, pids)
+            sent += len(slow)
+            quick(10)
+            os.kill(old, signal.SIGTERM)
+            sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
+            quick(10)
+            backend.gate.set()
+            for sock in slow:
+                with sock:
+                    assert read_answer(sock)[:3:2] == (200, SLOW_BODY)
+                    answered += 1
+            sidecar.until(
+                lambda: (
+                    f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)"
+                    in sidecar.log()
+                ),
+                "the old worker's exit",
+            )
+            quick(5)
+            _counted(sidecar, answered)
+        finally:
+            done.set()
+            scraper.join(timeout=WAIT)
+        assert len(seen) > 20, len(seen)
+        assert max(seen) <= sent, (max(seen), sent, sidecar.log())
+        assert all(b >= a for a, b in itertools.pairwise(seen)), seen
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_a_stop_while_a_worker_drains_on_its_own_sigterm_waits_for_no_final(
+    tmp_path: Path, impl: str
+) -> None:
+    """Worker 0 sent a SIGTERM alone (asked ``final``), SLOW requests held
+    in it across its hand-over, then the supervisor's stop: once the held
+    requests are answered every process exits 0 at once, the old worker
+    having written its final counts (no warning that it could not, nobody
+    killed), the stop not held up by the final counts' waits
+    (FINAL_COUNTS_WAIT_S, Supervisor.FINAL_WAIT_S) (review8)."""
+    flags = ("--workers", "1", "--drain-duration", "20", "--http-routing", "request")
+    with running(tmp_path, impl, *flags) as (sidecar, backend):
+        sidecar.until(lambda: " worker: listening: " in sidecar.log(), "the worker")
+        [old] = _started(sidecar, 0)
+        slow = _held_in(sidecar, backend, old, [old])
+        os.kill(old, signal.SIGTERM)
+        sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
+        sidecar.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        backend.gate.set()
+        t0 = time.monotonic()
+        for sock in slow:
+            with sock:
+                assert read_answer(sock)[:3:2] == (200, SLOW_BODY)
+        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+        took = time.monotonic() - t0
+        log = sidecar.log()
+        assert "were not written" not in log, log
+        assert "killed" not in log, log
+        assert f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)" in log, log
+        assert took < 4.0, (took, log)
