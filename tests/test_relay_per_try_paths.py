@@ -11,7 +11,8 @@ an idle pooled connection handed out to a keep-alive client's second
 request; a pipelined second request; a body that ends after the
 connection is ready (a client that waits for ``100 Continue`` and sends
 its body anyway); a 4 MiB body forwarded as it comes (the compiled
-relay's spliced path); a retry after a per-try timeout; a try that waited
+relay's spliced path); a retry after a per-try timeout, on a new
+connection and on an idle pooled one; a try that waited
 in line for a connection (max_connections) and its retry; a mirrored
 request. And a keep-alive client's first request's timer does not fire
 on its second, nor a pipelined first request's on the one behind it.
@@ -281,3 +282,37 @@ def test_a_mirrored_request_s_try_is_timed(mode: tuple[str, str], late: bool) ->
     else:
         assert _status(got) == 200 and got.endswith(b"late"), (got, took)
         assert stats["timeouts"] == 0, stats
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_retry_after_a_per_try_timeout_on_an_idle_pooled_connection(
+    mode: tuple[str, str], late: bool
+) -> None:
+    """A keep-alive client's first request: A's 503, its retry B's 200
+    (B's connection pooled). Its second: A stalls past the per-try
+    timeout, the retry goes on B's
+    idle pooled connection, answered 0.5 s after it came (the 200) or,
+    *late*, 2.5 s after (past the retry's own timer: the 504)."""
+    a = Scripted([_answer(503, b"busy"), STALL])
+    b = Scripted([_answer(200, b"b"), _after(2.5 if late else 0.5)])
+    relay = _relay(mode, (a.endpoint, b.endpoint), on="5xx")
+    try:
+        c = _client(relay)
+        c.sendall(GET)
+        assert _response(c) == _answer(200, b"b")
+        got, took = _timed(c, lambda: c.sendall(GET))
+        stats = _closed_stats(c, relay)
+    finally:
+        relay.close()
+        a.close()
+        b.close()
+    assert b.accepted == 1  # (the retry on B's pooled connection; A's retried one closed)
+    assert _counts(b.requests) == [[b"2"], [b"2"]]
+    assert stats["retries"] == 2, stats
+    if late:
+        assert _status(got) == 504 and got.endswith(LATE), (got, took)
+        assert 2 * PER_TRY - 0.1 <= took < 2 * PER_TRY + 1.0, took
+        assert stats["timeouts"] == 2, stats
+    else:
+        assert _status(got) == 200 and got.endswith(b"late"), (got, took)
+        assert stats["timeouts"] == 1, stats
