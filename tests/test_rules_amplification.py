@@ -204,7 +204,7 @@ def test_the_watcher_keeps_serving_the_last_good_table(tmp_path: Path) -> None:
     watcher = RuleWatcher([str(rules)], interval=3600, settle=0)
     assert watcher.load_now()
     table = watcher.state.table
-    for bomb in (service_entry(300, 300, 300), virtual_service(2000, 100)):
+    for bomb in (service_entry(300, 300, 300), virtual_service(1100, 100)):
         (rules / "bomb.yaml").write_text(bomb)
         watcher.load_now()
         st = watcher.state
