@@ -113,8 +113,12 @@ def test_a_worker_gives_back_what_a_big_reload_freed(mesh: Mesh) -> None:
     """2,000 ServiceEntries and 2,000 RouteRules loaded, then the small rule
     set again: the worker's memory falls back near where it started. Measured
     before give_back_memory: 22 MB at start, 88 with the big set, 60 after it
-    (free lists and malloc's free pages held what the parse had freed); now
-    about 23."""
+    (free lists and malloc's free pages held what the parse had freed); then
+    about 23. Since, the loader's indexes and bounds have grown the big
+    set's peak (63 MB) and what is left after it: 28-30 MB (no Python object
+    of the load alive: tracemalloc; allocator pages pinned by a few), 33 on
+    a busy host, so the bound is 16 MB over the start, still well short of
+    the 38 that were kept without give_back_memory."""
     mesh.start("compiled-uvloop", route_rule({"v1": 50, "v2": 50}))
     assert mesh.sidecar is not None
     [worker] = mesh.sidecar.worker_pids()
@@ -133,4 +137,4 @@ def test_a_worker_gives_back_what_a_big_reload_freed(mesh: Mesh) -> None:
             big = _rss_anon_kb(worker)
     after = _rss_anon_kb(worker)
     assert big - start > 30_000, (start, big)  # the big set really was loaded
-    assert after - start < 10_000, (start, big, after)
+    assert after - start < 16_000, (start, big, after)
