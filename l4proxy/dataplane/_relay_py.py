@@ -2142,10 +2142,9 @@ class HttpRelay:
         failed, or when *reset*: enough of its answer was read, or it cannot
         be framed), and reported (its Mirror's tag, its answer's status, the
         seconds since its start); *now* None: the relay closes, not
-        reported."""
-        del self._shadows[sh.fd]
-        if failed:
-            self.counters["mirror_failed"] += 1
+        reported. Its counts (mirror_failed, and mirror_active: _shadows)
+        change once its socket is closed or idle: stats(), read from other
+        threads, never says a copy ended while its socket is still open."""
         if (
             keep
             and now is not None
@@ -2166,6 +2165,9 @@ class HttpRelay:
                 except OSError:
                     pass
             sh.sock.close()
+        del self._shadows[sh.fd]
+        if failed:
+            self.counters["mirror_failed"] += 1
         if now is not None and self.report is not None:
             self.report(sh.tag, sh.answer.status, now - sh.started, 0)
 
