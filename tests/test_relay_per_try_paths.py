@@ -85,6 +85,16 @@ def _timed(c: socket.socket, send: Callable[[], None]) -> tuple[bytes, float]:
     return got, time.monotonic() - t0
 
 
+def _assert_timed(got: bytes, took: float, stats: dict[str, int], late: bool) -> None:
+    """*late*: the try's timer passed (the 504, one timeout), else its 200."""
+    if late:
+        assert _status(got) == 504 and got.endswith(LATE), (got, took)
+        assert stats["timeouts"] == 1, stats
+    else:
+        assert _status(got) == 200 and got.endswith(b"late"), (got, took)
+        assert stats["timeouts"] == 0, stats
+
+
 @pytest.mark.parametrize("late", [False, True])
 def test_keep_alive_second_request_on_the_pooled_connection(
     mode: tuple[str, str], late: bool
@@ -135,12 +145,7 @@ def test_pipelined_second_request(mode: tuple[str, str], late: bool) -> None:
     finally:
         relay.close()
         up.close()
-    if late:
-        assert _status(got) == 504 and got.endswith(LATE), (got, took)
-        assert stats["timeouts"] == 1, stats
-    else:
-        assert _status(got) == 200 and got.endswith(b"late"), (got, took)
-        assert stats["timeouts"] == 0, stats
+    _assert_timed(got, took, stats, late)
 
 
 POST_HEAD = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
@@ -164,12 +169,7 @@ def test_body_sent_after_the_connection_is_ready(mode: tuple[str, str], late: bo
         relay.close()
         up.close()
     assert [r.endswith(b"hello") for r in up.requests] == [True]
-    if late:
-        assert _status(got) == 504 and got.endswith(LATE), (got, took)
-        assert stats["timeouts"] == 1, stats
-    else:
-        assert _status(got) == 200 and got.endswith(b"late"), (got, took)
-        assert stats["timeouts"] == 0, stats
+    _assert_timed(got, took, stats, late)
 
 
 @pytest.mark.parametrize("late", [False, True])
@@ -256,12 +256,7 @@ def test_a_big_body_streamed_over_a_ready_connection(mode: tuple[str, str], late
     assert [len(r.split(b"\r\n\r\n", 1)[1]) for r in up.requests] == [BIG]
     if mode[0] == "compiled":  # (the request's end on the spliced path, request_read())
         assert stats["spliced"] >= 1, stats
-    if late:
-        assert _status(got) == 504 and got.endswith(LATE), (got, took)
-        assert stats["timeouts"] == 1, stats
-    else:
-        assert _status(got) == 200 and got.endswith(b"late"), (got, took)
-        assert stats["timeouts"] == 0, stats
+    _assert_timed(got, took, stats, late)
 
 
 @pytest.mark.parametrize("late", [False, True])
@@ -276,12 +271,7 @@ def test_a_mirrored_request_s_try_is_timed(mode: tuple[str, str], late: bool) ->
         got, took = _timed(c, lambda: c.sendall(GET))
         assert _until(lambda: len(mirror.seen()) == 1), mirror.seen()
         stats = _closed_stats(c, relay)
-    if late:
-        assert _status(got) == 504 and got.endswith(LATE), (got, took)
-        assert stats["timeouts"] == 1, stats
-    else:
-        assert _status(got) == 200 and got.endswith(b"late"), (got, took)
-        assert stats["timeouts"] == 0, stats
+    _assert_timed(got, took, stats, late)
 
 
 @pytest.mark.parametrize("late", [False, True])
