@@ -216,10 +216,10 @@ CASES = [
         10,
     ),
     (
-        "header matched twice",
+        "header matched twice (as written: Foo and foo are a warning)",
         HR
         + MESH
-        + "  rules:\n  - matches:\n    - headers:\n      - {name: A, value: x}\n"
+        + "  rules:\n  - matches:\n    - headers:\n      - {name: a, value: x}\n"
         + "      - {name: a, value: y}\n"
         + backends(("bootcamp-v1", 1)),
         "a is matched twice in spec.rules[0].matches[0].headers",

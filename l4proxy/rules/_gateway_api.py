@@ -221,7 +221,37 @@ _FILTER_FIELDS = {
     "ExternalAuth": "externalAuth",
 }
 _MAX_FILTERS = 16
+# The CRD's maxItems (HTTPRoute's, Gateway's): an API server refuses a longer
+# list, so a file holding one is refused too, at the list's line
+MAX_PARENT_REFS = 32
+MAX_HOSTNAMES = 16
+MAX_RULES = 16
+MAX_MATCHES = 64  # per rule
+MAX_ROUTE_MATCHES = 128  # across a route's rules (the CRD's CEL rule on spec.rules)
+MAX_BACKEND_REFS = 16
+MAX_NAME_MATCHES = 16  # a match's headers, its queryParams
+MAX_HEADER_VALUE = 4096  # a header match's value (maxLength)
+MAX_QUERY_VALUE = 1024  # a query parameter match's value (maxLength)
+MAX_LISTENERS = 64
+MAX_ROUTE_KINDS = 8
 REDIRECT_STATUS = 302  # RequestRedirect's statusCode by default
+
+
+def _bounded(ctx: Ctx, value: Any, path: Path, most: int, what: str) -> list[Any] | None:
+    """*value* as a list (``listing``), None after an error: not a list, or
+    longer than *most*, the CRD's maxItems for it (an API server refuses
+    the object, so l4proxy refuses the file: an error at the list's line,
+    before any of its items is read)."""
+    items = listing(ctx, value, path)
+    if items is not None and len(items) > most:
+        ctx.error(
+            path,
+            f"{dotted(path)} has {len(items)} {what}; the API allows {most} (the CRD's "
+            "maxItems: an API server refuses the object)",
+        )
+        return None
+    return items
+
 
 # -- Gateway -------------------------------------------------------------------
 
@@ -252,7 +282,10 @@ def read_gateway(ctx: Ctx, obj: dict[str, Any], env: Env) -> GatewayDraft | None
         )
     ok = text(ctx, spec.get("gatewayClassName"), ("spec", "gatewayClassName")) is not None
     listeners: list[ListenerDraft] = []
-    for i, item in enumerate(listing(ctx, spec.get("listeners"), ("spec", "listeners")) or []):
+    items = _bounded(ctx, spec.get("listeners"), ("spec", "listeners"), MAX_LISTENERS, "listeners")
+    if items is None:
+        return None
+    for i, item in enumerate(items):
         got = _listener(ctx, item, ("spec", "listeners", i))
         if got is None:
             ok = False
@@ -320,7 +353,9 @@ def _allowed_routes(ctx: Ctx, value: Any, path: Path) -> bool | None:
     ok = True
     others: list[tuple[Path, str]] = []  # (where, kind) of the kinds but HTTPRoute
     http_route = False
-    kinds = listing(ctx, ar.get("kinds"), (*path, "kinds")) or []
+    kinds = _bounded(ctx, ar.get("kinds"), (*path, "kinds"), MAX_ROUTE_KINDS, "kinds")
+    if kinds is None:
+        return None
     for i, k in enumerate(kinds):
         kpath = (*path, "kinds", i)
         kd = fields(ctx, k, kpath, allowed=("group", "kind"), required=("kind",))
@@ -396,21 +431,27 @@ def read_http_route(ctx: Ctx, obj: dict[str, Any], env: Env) -> HttpRouteDraft |
         return None
     ok = True
     parents: list[ParentDraft] = []
-    for i, p in enumerate(listing(ctx, spec.get("parentRefs"), ("spec", "parentRefs")) or []):
+    refs = _bounded(
+        ctx, spec.get("parentRefs"), ("spec", "parentRefs"), MAX_PARENT_REFS, "references"
+    )
+    ok = refs is not None
+    for i, p in enumerate(refs or []):
         got = _parent(ctx, p, ("spec", "parentRefs", i))
         if got is None:
             ok = False
         else:
             parents.append(got)
     hostnames: list[str] = []
-    for i, h in enumerate(listing(ctx, spec.get("hostnames"), ("spec", "hostnames")) or []):
+    names = _bounded(ctx, spec.get("hostnames"), ("spec", "hostnames"), MAX_HOSTNAMES, "hostnames")
+    ok = ok and names is not None
+    for i, h in enumerate(names or []):
         got_h = _hostname(ctx, h, ("spec", "hostnames", i))
         if got_h is None:
             ok = False
         elif got_h not in hostnames:
             hostnames.append(got_h)
-    raw_rules = listing(ctx, spec.get("rules"), ("spec", "rules"))
-    if raw_rules is None:
+    raw_rules = _bounded(ctx, spec.get("rules"), ("spec", "rules"), MAX_RULES, "rules")
+    if raw_rules is None or not _route_matches(ctx, raw_rules):
         return None
     if not raw_rules:
         raw_rules = [{}]  # the API's default: one rule, every request, no backend (404 → 500)
@@ -428,6 +469,27 @@ def read_http_route(ctx: Ctx, obj: dict[str, Any], env: Env) -> HttpRouteDraft |
     return HttpRouteDraft(
         ctx.name, ctx.namespace, parents, hostnames, rules, Where(ctx, ()), created
     )
+
+
+def _route_matches(ctx: Ctx, rules: list[Any]) -> bool:
+    """Whether the route's rules hold at most 128 matches in all (the CRD's
+    CEL rule on ``spec.rules``: "While 16 rules and 64 matches per rule are
+    allowed, the total number of matches across all rules in a route must
+    be less than 128"); an error at ``spec.rules`` if not. A rule's
+    ``matches`` that is no list counts 0 here (its own error says it)."""
+    total = sum(
+        len(r["matches"])
+        for r in rules
+        if isinstance(r, dict) and isinstance(r.get("matches"), list)
+    )
+    if total <= MAX_ROUTE_MATCHES:
+        return True
+    ctx.error(
+        ("spec", "rules"),
+        f"spec.rules has {total} matches in all; the API allows {MAX_ROUTE_MATCHES} across a "
+        f"route's rules (and {MAX_MATCHES} in one rule): split the route",
+    )
+    return False
 
 
 def _rule_name(route: str, item: Any, index: int, count: int) -> str:
@@ -534,14 +596,20 @@ def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraf
     filters = _filters(ctx, r.get("filters"), (*path, "filters"), env, backend=False)
     ok = ok and filters is not None
     matches: list[HttpMatchDraft] = []
-    for i, m in enumerate(listing(ctx, r.get("matches"), (*path, "matches")) or []):
+    raw_matches = _bounded(ctx, r.get("matches"), (*path, "matches"), MAX_MATCHES, "matches")
+    ok = ok and raw_matches is not None
+    for i, m in enumerate(raw_matches or []):
         got = _match(ctx, m, (*path, "matches", i))
         if got is None:
             ok = False
         else:
             matches.append(got)
     backends: list[BackendDraft] = []
-    for i, b in enumerate(listing(ctx, r.get("backendRefs"), (*path, "backendRefs")) or []):
+    refs = _bounded(
+        ctx, r.get("backendRefs"), (*path, "backendRefs"), MAX_BACKEND_REFS, "references"
+    )
+    ok = ok and refs is not None
+    for i, b in enumerate(refs or []):
         got_b = _backend(ctx, b, (*path, "backendRefs", i), env)
         if got_b is None:
             ok = False
@@ -1243,19 +1311,40 @@ def _path_value(ctx: Ctx, value: str, path: Path) -> bool:
 def _name_matches(
     ctx: Ctx, value: Any, path: Path, *, fold: bool
 ) -> tuple[tuple[str, StringMatch], ...] | None:
-    """headers / queryParams: ``[{type, name, value}]`` → sorted (name, match)."""
+    """headers / queryParams: ``[{type, name, value}]`` → sorted (name, match).
+
+    As the CRD has them: at most 16, a name an HTTPHeaderName (a token), a
+    value required (1 to 4096 characters for a header, 1024 for a query
+    parameter), a name given once (the list's map key: an error). Header
+    names ignore case, and the API says that of equivalent names only the
+    first is matched and the others ignored: ``Foo`` after ``foo`` is a
+    warning and ignored (it counts for no precedence either)."""
     out: dict[str, StringMatch] = {}
-    ok = True
-    for i, item in enumerate(listing(ctx, value, path) or []):
+    given: dict[str, Path] = {}  # each name as written: where
+    items = _bounded(ctx, value, path, MAX_NAME_MATCHES, "matches")
+    ok = items is not None
+    for i, item in enumerate(items or []):
         ipath = (*path, i)
         h = fields(ctx, item, ipath, allowed=("type", "name", "value"), required=("name",))
         if h is None or h.get("name") is None:
             ok = False
             continue
         name = text(ctx, h["name"], (*ipath, "name"), required=True)
-        val = text(ctx, h.get("value", ""), (*ipath, "value"))
+        # (value: required, 1 to 4096 characters for a header, 1024 for a
+        # query parameter, as the CRD has it)
+        val = text(ctx, h.get("value"), (*ipath, "value"), required=True)
         htype = h.get("type", "Exact")
-        if name is None or val is None or (fold and not header_name(ctx, name, (*ipath, "name"))):
+        what = "header name" if fold else "query parameter name"
+        if name is None or val is None or not header_name(ctx, name, (*ipath, "name"), what):
+            ok = False
+            continue
+        longest = MAX_HEADER_VALUE if fold else MAX_QUERY_VALUE
+        if len(val) > longest:
+            ctx.error(
+                (*ipath, "value"),
+                f"{dotted((*ipath, 'value'))} is {len(val)} characters long; the API allows "
+                f"{longest}",
+            )
             ok = False
             continue
         if fold and _BAD_HEADER_VALUE.search(val):
@@ -1267,9 +1356,24 @@ def _name_matches(
             ok = False
             continue
         key = name.lower() if fold else name
-        if key in out:
-            ctx.error((*ipath, "name"), f"{name} is matched twice in {dotted(path)}; keep one")
+        if name in given:
+            # (a list map keyed by name: an API server refuses the object)
+            ctx.error(
+                (*ipath, "name"),
+                f"{name} is matched twice in {dotted(path)} (also {dotted(given[name])}); keep one",
+            )
             ok = False
+            continue
+        given[name] = ipath
+        if key in out:
+            # "foo" and "Foo": the API admits both, and says the first is
+            # matched and the others ignored (header names ignore case)
+            first = next(at for n, at in given.items() if n.lower() == key and at != ipath)
+            ctx.warning(
+                ipath,
+                f"{dotted(ipath)} is ignored: header {name} is already matched by "
+                f"{dotted(first)} (names ignore case; the API matches the first)",
+            )
             continue
         if htype == "Exact":
             out[key] = StringMatch("exact", val)
