@@ -1031,3 +1031,67 @@ def test_empty_directory_is_an_empty_table_with_a_note(tmp_path: Path) -> None:
 
 def test_a_single_path_string_is_accepted() -> None:
     assert load_rules(REGISTRY).sources == [REGISTRY]  # type: ignore[arg-type]
+
+
+def _cidr_entry(name: str, blocks: str, port: int = 5432) -> str:
+    return (
+        "---\napiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\n"
+        f"metadata: {{name: {name}}}\nspec:\n  hosts: [{name}.example.com]\n"
+        f"  addresses: [{blocks}]\n  ports: [{{number: {port}, name: tcp, protocol: TCP}}]\n"
+        "  resolution: STATIC\n  endpoints: [{address: 192.0.2.1}]\n"
+    )
+
+
+@pytest.mark.parametrize("wide_first", [True, False])
+def test_nested_cidr_vips_route_to_the_most_specific_block_with_a_warning(
+    tmp_path: Path, wide_first: bool
+) -> None:
+    """A broad block (10.0.0.0/8) and a service's own inside it
+    (10.1.2.0/24) on one port, in either order: Istio admits them (a
+    wildcard listener whose filter chains match the blocks, Envoy's
+    longest prefix picks), so the /24's addresses go to db and the rest
+    of the /8 to wide, where the first listed took them all (db was
+    unreachable at its own VIP when listed second); a warning at the
+    inner block's ServiceEntry names both. A block of another port, or
+    disjoint blocks, say nothing."""
+    wide = _cidr_entry("wide", "10.0.0.0/8")
+    db = _cidr_entry("db", "10.1.2.0/24")
+    other = _cidr_entry("other", "10.1.0.0/16", port=6000) + _cidr_entry("far", "11.0.0.0/8")
+    text = (wide + db if wide_first else db + wide) + other
+    f = write(tmp_path, "se.yaml", text)
+    result = load_rules([f])
+    warnings = [d for d in result.notes if d.severity == "warning"]
+    [w] = warnings
+    db_line = text.splitlines().index("  hosts: [db.example.com]") + 1
+    wide_line = text.splitlines().index("  hosts: [wide.example.com]") + 1
+    assert (w.file, w.line, w.name) == (f, db_line, "db")
+    assert w.message == (
+        "address block 10.1.2.0/24 of db.example.com lies inside 10.0.0.0/8, a VIP block of "
+        f"wide.example.com ({f}:{wide_line}), on port 5432: connections to its addresses go to "
+        "db.example.com, the most specific block (as Envoy's longest prefix match picks it for "
+        "Istio), the rest of 10.0.0.0/8 to wide.example.com; if that is not meant, give them "
+        "disjoint blocks"
+    )
+    table = result.table
+
+    def host(ip: str, port: int = 5432) -> str | None:
+        found = table.service_for_address(ip, port)
+        return None if found is None else found[0].host
+
+    assert host("10.1.2.0") == host("10.1.2.255") == "db.example.com"
+    assert host("10.1.3.0") == host("10.1.1.255") == host("10.255.0.1") == "wide.example.com"
+    assert host("10.1.2.7", 6000) == "other.example.com"
+    assert host("11.1.2.7") == "far.example.com"
+
+
+def test_a_cidr_vip_listed_by_two_services_on_one_port_is_an_error(tmp_path: Path) -> None:
+    """The same block on the same port in two services is the VIP clash,
+    an error (Envoy refuses two filter chains of one match), not the
+    nesting warning."""
+    text = _cidr_entry("a", "10.1.0.0/16") + _cidr_entry("b", "10.1.0.0/16")
+    f = write(tmp_path, "se.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_rules([f])
+    [err] = info.value.errors
+    assert "address 10.1.0.0/16 port 5432 is already the VIP of a.example.com" in err.message
+    assert not [d for d in info.value.diagnostics if d.severity == "warning"]

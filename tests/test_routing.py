@@ -450,13 +450,15 @@ def test_services_sharing_an_address_on_different_ports_are_each_found_on_theirs
         assert (got[0].host if got else None) == host, (ip, port)
         if got is not None:
             assert got[1].number == port
-    # Overlapping blocks: the first listed with the port wins.
+    # Nested blocks: the most specific with the port wins (Envoy's longest
+    # prefix), in either order (before: the first listed, e's /16 on 90)
     e = _on("e.example.com", [90], ["10.8.0.0/16"])
     f = _on("f.example.com", [90, 91], ["10.8.1.0/24"])
-    t = RouteTable([e, f])
-    assert t.service_for_address("10.8.1.1", 90)[0] is e  # type: ignore[index]
-    assert t.service_for_address("10.8.1.1", 91)[0] is f  # type: ignore[index]
-    assert t.service_for_address("10.8.2.1", 91) is None
+    for t in (RouteTable([e, f]), RouteTable([f, e])):
+        assert t.service_for_address("10.8.1.1", 90)[0] is f  # type: ignore[index]
+        assert t.service_for_address("10.8.2.1", 90)[0] is e  # type: ignore[index]
+        assert t.service_for_address("10.8.1.1", 91)[0] is f  # type: ignore[index]
+        assert t.service_for_address("10.8.2.1", 91) is None
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ in separate files and be rolled out in either order.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -261,7 +262,58 @@ def _registry(d: Drafts) -> dict[str, Service]:
         origin[svc.host] = sd
         for n in (svc.host, *svc.aliases):
             by_name.setdefault(n, svc.host)
+    _nested_blocks(services, origin)
     return services
+
+
+def _nested_blocks(services: dict[str, Service], origin: dict[str, ServiceDraft]) -> None:
+    """A warning at each ServiceEntry host one of whose CIDR blocks lies
+    inside another host's on a port both list (its first such block only).
+
+    Istio admits it: a CIDR ServiceEntry's port is a wildcard listener
+    whose filter chains match the blocks, and Envoy picks the longest
+    prefix, so the inner block's connections go to its host and the rest
+    of the outer block's to the other (as ``service_for_address`` finds
+    them). Likely a mistake all the same (a broad egress range over a
+    service's own), so said; a block listed twice on a port is the VIP
+    clash above, an error. CIDR blocks are nested or disjoint, so one
+    sweep of each (IP version, port)'s blocks, sorted by start and then
+    the widest first, finds every pair: a block nests in the innermost
+    block still open where it starts."""
+    blocks: dict[tuple[int, int], list[tuple[int, int, str, str]]] = defaultdict(list)
+    for svc in services.values():
+        for addr in svc.addresses:
+            if "/" not in addr:
+                continue
+            net = ipaddress.ip_network(addr, strict=False)
+            if net.num_addresses == 1:
+                continue
+            start = int(net.network_address)
+            for p in svc.ports:
+                key = (net.version, p.number)
+                blocks[key].append((start, start + net.num_addresses - 1, addr, svc.host))
+    warned: set[str] = set()
+    for (_, port), found in sorted(blocks.items()):
+        found.sort(key=lambda b: (b[0], -b[1]))
+        open_: list[tuple[int, int, str, str]] = []
+        for block in found:
+            while open_ and open_[-1][1] < block[0]:
+                open_.pop()
+            outer = open_[-1] if open_ else None
+            open_.append(block)
+            if outer is None or outer[3] == block[3] or block[3] in warned:
+                continue
+            if (outer[0], outer[1]) == (block[0], block[1]):
+                continue  # (the same block: the VIP clash, an error)
+            warned.add(block[3])
+            other = outer[3]
+            origin[block[3]].where.warning(
+                f"address block {block[2]} of {block[3]} lies inside {outer[2]}, a VIP "
+                f"block of {other} ({origin[other].where.location}), on port {port}: "
+                f"connections to its addresses go to {block[3]}, the most specific block "
+                f"(as Envoy's longest prefix match picks it for Istio), the rest of "
+                f"{outer[2]} to {other}; if that is not meant, give them disjoint blocks"
+            )
 
 
 def _describe_endpoints(svc: Service) -> str:

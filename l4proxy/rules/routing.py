@@ -1912,8 +1912,9 @@ class RouteTable:
                     else:
                         norm = None
                         self._by_network.append((net, svc))
-                        # (the first listed with the port wins where blocks
-                        # overlap, as a walk of _by_network in order finds it)
+                        # (a block listed twice with the port: the first
+                        # wins; where blocks nest, the most specific does:
+                        # service_for_address)
                         blocks = self._network_index.setdefault((net.version, net.prefixlen), {})
                         start = int(net.network_address)
                         for sport in svc.ports:
@@ -2270,9 +2271,12 @@ class RouteTable:
         """The service whose VIP (ServiceEntry ``addresses``) is *ip* on
         *port*: a VIP is an address and a port, as Istio's outbound
         listeners are, so services that share an address on different
-        ports are each found on theirs. An address known only on other
-        ports is None (what no VIP is: the Host header, then passthrough
-        or REGISTRY_ONLY's refusal, as classify() says)."""
+        ports are each found on theirs. An address that is a VIP itself
+        is found before the CIDR blocks that hold it, and an address in
+        nested blocks finds the most specific (Envoy's longest prefix).
+        An address known only on other ports is None (what no VIP is:
+        the Host header, then passthrough or REGISTRY_ONLY's refusal, as
+        classify() says)."""
         norm = _normalize_ip(ip)
         if norm is None:
             return None
@@ -2280,12 +2284,17 @@ class RouteTable:
         if found is None and self._network_index:
             addr = ipaddress.ip_address(norm)
             n, bits = int(addr), addr.max_prefixlen
+            # (the most specific block wins, as Envoy's filter chain match
+            # picks the longest destination prefix of Istio's wildcard
+            # listener for CIDR ServiceEntries; blocks of one length are
+            # disjoint but for one listed twice, where the first wins)
             best: tuple[int, Service, ServicePort] | None = None
+            longest = -1
             for (version, prefixlen), blocks in self._network_index.items():
-                if version == addr.version:
+                if version == addr.version and prefixlen > longest:
                     got = blocks.get((n >> (bits - prefixlen) << (bits - prefixlen), port))
-                    if got is not None and (best is None or got[0] < best[0]):
-                        best = got
+                    if got is not None:
+                        best, longest = got, prefixlen
             if best is not None:
                 found = (best[1], best[2])
         return found
