@@ -410,8 +410,21 @@ SITE = '{group: "", kind: Service, name: site}'  # the route's own namespace's
         (MIXED, "shop", OURS + ", port: 80}", "", False),
         (MIXED, "shop", OURS + ", port: 81}", "", True),
         # two parentRefs on one line, where a warning names the line alone
-        (MIXED, "shop", OURS + ", sectionName: internal}, " + OURS + ", port: 80}", "", False),
-        (MIXED, "shop", OURS + ", sectionName: internal}, " + OURS + ", port: 81}", "", True),
+        # (of one parent, each with its own sectionName: the API's rule)
+        (
+            MIXED,
+            "shop",
+            OURS + ", sectionName: internal}, " + OURS + ", sectionName: other}",
+            "",
+            False,
+        ),
+        (
+            MIXED,
+            "shop",
+            OURS + ", sectionName: internal}, " + OURS + ", sectionName: public}",
+            "",
+            True,
+        ),
         # beside one that attaches (shop's own Service site): ours is told
         # apart on the line, where one warning of two refs read as attached
         (MIXED, "shop", OURS + ", sectionName: internal}, " + SITE, "", False),

@@ -62,11 +62,12 @@ def mesh_route(rules: str, hostnames: int = 0) -> str:
 
 
 def parents(n: int) -> str:
-    """A route of *n* parentRefs: one Service parent, then ports of it."""
+    """A route of *n* parentRefs: the Service parent at *n* ports (each
+    its own, as the API requires of references to one parent)."""
     refs = "".join(
-        f'  - {{group: "", kind: Service, name: bootcamp, port: {8080 + i}}}\n' for i in range(1, n)
+        f'  - {{group: "", kind: Service, name: bootcamp, port: {8080 + i}}}\n' for i in range(n)
     )
-    return HEAD + MESH + refs + "  rules:\n" + rule()
+    return HEAD + "  parentRefs:\n" + refs + "  rules:\n" + rule()
 
 
 def backend_refs(n: int) -> str:
@@ -325,3 +326,95 @@ def test_a_rule_set_saved_over_a_bound_leaves_the_last_good_table_serving(
     route.write_text(mesh_route(new + rule() * 15))
     assert watcher.load_now()
     assert route_of(watcher.state.table, Request(path="/new")) is not None
+
+
+GATEWAY = (
+    "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw}\n"
+    "spec:\n  gatewayClassName: l4proxy\n  listeners:\n"
+    "  - {name: a, port: 8080, protocol: HTTP, hostname: a.example.com}\n"
+    "  - {name: b, port: 8080, protocol: HTTP, hostname: b.example.com}\n---\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("refs", "message"),
+    [
+        (
+            "{name: gw}, {name: gw}",
+            "spec.parentRefs[1] names Gateway default/gw as spec.parentRefs[0] does; give each "
+            "its own sectionName or port, or keep one",
+        ),
+        (
+            "{name: gw, sectionName: a}, {name: gw, sectionName: a}",
+            "give each its own sectionName or port, or keep one",
+        ),
+        (
+            "{name: gw}, {name: gw, sectionName: b}",
+            "spec.parentRefs[1] names Gateway default/gw as spec.parentRefs[0] does; give each a "
+            "sectionName (or each a port), or none: a reference without one takes the whole "
+            "parent",
+        ),
+        (
+            "{name: gw, sectionName: a}, {name: gw, port: 8080}",
+            "give each a sectionName (or each a port), or none",
+        ),
+        (
+            '{group: "", kind: Service, name: bootcamp}, '
+            '{group: "", kind: Service, name: bootcamp}',
+            "spec.parentRefs[1] names Service default/bootcamp as spec.parentRefs[0] does",
+        ),
+    ],
+    ids=["same", "same-section", "section-and-none", "section-and-port", "service-twice"],
+)
+def test_references_to_one_parent_that_do_not_tell_themselves_apart_are_an_error(
+    tmp_path: Path, refs: str, message: str
+) -> None:
+    """The CRD's CEL rules on parentRefs (the experimental channel's, with
+    port): before, the route attached twice and each match was doubled
+    (``uri exact '/x' or uri exact '/x'``)."""
+    text = GATEWAY + HEAD + f"  parentRefs: [{refs}]\n  rules:\n" + rule()
+    f = tmp_path / "r.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_rules([str(f), PER_VERSION])
+    [err] = info.value.errors
+    assert message in err.message, str(err)
+    assert err.message.endswith("(the API's rule for 2 or more references to the same parent)")
+    assert (err.file, err.line) == (str(f), line_of(text, f"parentRefs: [{refs}]"))
+
+
+def test_references_to_one_parent_each_with_its_own_section_attach_once_each(
+    tmp_path: Path,
+) -> None:
+    text = GATEWAY + HEAD + "  parentRefs: [{name: gw, sectionName: a}, {name: gw, sectionName: b}]"
+    f = tmp_path / "r.yaml"
+    f.write_text(text + "\n  rules:\n" + rule())
+    table = load_rules([str(f), PER_VERSION]).table
+    gateways = {k: v for k, v in table.to_json()["routes"].items() if k.startswith("gateway")}
+    assert sorted(gateways) == [
+        "gateway:default/gw/a/a.example.com",
+        "gateway:default/gw/b/b.example.com",
+    ]
+    for [r] in gateways.values():
+        assert len(r["match"]) == 1, r
+
+
+def test_a_rule_name_given_twice_in_a_route_is_an_error(tmp_path: Path) -> None:
+    """Two rules named alike (the API's rule, in its experimental CRD) made
+    two routes of one name, ``bootcamp/same``, which l4proxy's metrics and
+    decisions name them by."""
+
+    def named(name: str) -> str:
+        return rule().replace("  - matches:", f"  - name: {name}\n    matches:", 1)
+
+    text = mesh_route(named("same") + named("other") + named("same"))
+    f = tmp_path / "r.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_rules([str(f), PER_VERSION])
+    [err] = info.value.errors
+    assert err.message.endswith(
+        "rule name same is also spec.rules[0]'s; a rule's name must be unique within the route "
+        "(the API's rule)"
+    ), str(err)
+    assert (err.file, err.line) == (str(f), line_of(text, "- name: same", 1))

@@ -203,8 +203,8 @@ def test_each_unattached_warning_names_its_parent_ref(tmp_path: Path) -> None:
     attaching to nothing: each warning names its route and index in
     spec.parentRefs, which the line (6 for all three) cannot tell."""
     hr = route(
-        parent="{name: gone, namespace: default}, {name: gw, namespace: default}, "
-        "{name: gw, namespace: default, sectionName: https}"
+        parent="{name: gone, namespace: default}, {name: gw, namespace: default, sectionName: "
+        "http}, {name: gw, namespace: default, sectionName: https}"
     )
     result = load(tmp_path, gateway(ALL) + hr)
     warned = [(d.line, d.reason, d.parent_ref) for d in result.notes]

@@ -441,6 +441,7 @@ def read_http_route(ctx: Ctx, obj: dict[str, Any], env: Env) -> HttpRouteDraft |
             ok = False
         else:
             parents.append(got)
+    ok = _distinct_parents(ctx, parents) and ok
     hostnames: list[str] = []
     names = _bounded(ctx, spec.get("hostnames"), ("spec", "hostnames"), MAX_HOSTNAMES, "hostnames")
     ok = ok and names is not None
@@ -456,8 +457,21 @@ def read_http_route(ctx: Ctx, obj: dict[str, Any], env: Env) -> HttpRouteDraft |
     if not raw_rules:
         raw_rules = [{}]  # the API's default: one rule, every request, no backend (404 → 500)
     rules: list[HttpRuleDraft] = []
+    named: dict[str, int] = {}  # a rule's name: its index
     for i, r in enumerate(raw_rules):
         name = _rule_name(ctx.name, r, i, len(raw_rules))
+        given = r.get("name") if isinstance(r, dict) else None
+        if isinstance(given, str) and given in named:
+            # (the experimental CRD's rule; l4proxy names its routes, and
+            # their metrics, by the rule's name)
+            ctx.error(
+                ("spec", "rules", i, "name"),
+                f"rule name {given} is also spec.rules[{named[given]}]'s; a rule's name must "
+                "be unique within the route (the API's rule)",
+            )
+            ok = False
+        elif isinstance(given, str):
+            named[given] = i
         got_r = _rule(ctx, r, ("spec", "rules", i), name, env)
         if got_r is None:
             ok = False
@@ -490,6 +504,38 @@ def _route_matches(ctx: Ctx, rules: list[Any]) -> bool:
         f"route's rules (and {MAX_MATCHES} in one rule): split the route",
     )
     return False
+
+
+def _distinct_parents(ctx: Ctx, parents: list[ParentDraft]) -> bool:
+    """Whether parentRefs naming the same parent tell themselves apart (the
+    CRD's CEL rules, as its experimental channel has them with ``port``):
+    each gives a sectionName, or none does, and likewise a port, and no
+    two give the same ones. An error at the later ref if not (before, the
+    route attached twice, each match doubled)."""
+    ok = True
+    seen: dict[tuple[str, str, str], list[ParentDraft]] = defaultdict(list)
+    for p in parents:
+        key = (p.kind, p.namespace, p.name)
+        for o in seen[key]:
+            what = f"{p.kind} {p.namespace}/{p.name}"
+            if (o.section is None) != (p.section is None) or (o.port is None) != (p.port is None):
+                why = (
+                    "give each a sectionName (or each a port), or none: a reference without one "
+                    "takes the whole parent"
+                )
+            elif (o.section, o.port) == (p.section, p.port):
+                why = "give each its own sectionName or port, or keep one"
+            else:
+                continue
+            ctx.error(
+                p.where.path,
+                f"{dotted(p.where.path)} names {what} as {dotted(o.where.path)} does; {why} "
+                "(the API's rule for 2 or more references to the same parent)",
+            )
+            ok = False
+            break
+        seen[key].append(p)
+    return ok
 
 
 def _rule_name(route: str, item: Any, index: int, count: int) -> str:
