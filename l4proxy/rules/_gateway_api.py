@@ -55,7 +55,11 @@ equivalent VirtualService.
 
 A path match's Exact or PathPrefix value is held to the CRD's validation
 (:func:`_path_value`), and a header match's value may not hold CR, LF or
-NUL: what the API server would refuse is an error at its line.
+NUL: what the API server would refuse is an error at its line. So are the
+CRDs' list bounds (maxItems, and the CEL rule of 128 matches a route:
+:func:`_bounded`, :func:`_route_matches`), read before the list's items,
+parentRefs to one parent that do not tell themselves apart
+(:func:`_distinct_parents`) and a rule name given twice.
 
 Backends (``backendRefs``: a Service name and port; each version its own
 Service) resolve like ServiceEntry hosts: a ServiceEntry for
