@@ -216,6 +216,7 @@ def load_rules(
     seed: int | None = None,
     read_pipes: bool = True,
     read: RuleFiles | None = None,
+    pod_labels: Mapping[str, str] | None = None,
 ) -> LoadResult:
     """Load rule documents from files and directories into one RouteTable.
 
@@ -223,12 +224,15 @@ def load_rules(
     (and whose short names a Host header may use); *domain* the cluster DNS
     domain. *read*: the files as :func:`read_rules` read them, loaded in
     place of reading *paths* (then *max_bytes* and *read_pipes* are
-    :func:`read_rules`' business). Raises :class:`ConfigUnreadable` when a
+    :func:`read_rules`' business). *pod_labels*: the labels of the pod the
+    sidecar runs in, which pick the DestinationRules of a
+    ``workloadSelector`` that apply; None: not known (``validate``
+    without ``--pod-labels``), where none of them does. Raises :class:`ConfigUnreadable` when a
     path cannot be read, :class:`ConfigError` when anything is invalid.
     """
     if read is None:
         read = read_rules(paths, max_bytes=max_bytes, read_pipes=read_pipes)
-    env = Env(namespace, domain)
+    env = Env(namespace, domain, pod_labels=None if pod_labels is None else dict(pod_labels))
     report = Report(list(read.notes))
     drafts = Drafts()
     summaries: list[ObjectSummary] = []

@@ -10,7 +10,10 @@ DISABLE (``_client_tls``), ``loadBalancer.simple: UNSPECIFIED`` (the
 default, ``_SIMPLE_LB``). A DestinationRule's ``trafficPolicy`` (at the rule
 and in each subset) is read with its ``portLevelSettings``
 (``_port_level_settings``): each entry the whole policy of one service
-port, merged as Istio's pilot does (``_objects.policy_subset``).
+port, merged as Istio's pilot does (``_objects.policy_subset``). Its
+``workloadSelector`` (``_workload_selector``) names the client pods whose
+sidecars it applies on, in place of the host's rule without one: which
+rule applies on this pod is ``_table._policies``' to say.
 ``http[].timeout`` and ``http[].retries`` are honoured by the per-request
 relay (Envoy's route timeout and retry policy, see ``Route.timeout`` and
 ``Route.retries``), and so are ``http[].headers``,
@@ -1457,14 +1460,18 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
         ctx,
         obj.get("spec"),
         ("spec",),
-        allowed=("host", "trafficPolicy", "subsets", "exportTo"),
-        unimplemented=("workloadSelector",),
+        allowed=("host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"),
         required=("host",),
     )
     if spec is None or not spec.get("host"):
         return None
     host = _host(ctx, spec["host"], ("spec", "host"), env)
-    ok = _export_to(ctx, spec.get("exportTo"), env) and host is not None
+    selector, sel_ok = _workload_selector(ctx, spec.get("workloadSelector"))
+    if spec.get("workloadSelector") is None:
+        ok = _export_to(ctx, spec.get("exportTo"), env) and host is not None
+    else:
+        ok = _selector_export_to(ctx, spec.get("exportTo")) and host is not None
+    ok = ok and sel_ok
     lb, hash_on, pool, outlier, port_level, tp_ok = _traffic_policy(
         ctx, spec.get("trafficPolicy"), ("spec", "trafficPolicy")
     )
@@ -1497,7 +1504,8 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
         subsets[name] = SubsetDraft(
             name, sel, slb, Where(ctx, spath), spool, soutlier, shash, sport_level
         )
-    if not ok or host is None:
+    stamp_ok, created = creation_timestamp(ctx, obj)
+    if not ok or not stamp_ok or host is None:
         return None
     return PolicyDraft(
         ctx.name,
@@ -1510,7 +1518,71 @@ def read_destination_rule(ctx: Ctx, obj: dict[str, Any], env: Env) -> PolicyDraf
         outlier,
         hash_on,
         port_level,
+        selector,
+        created,
     )
+
+
+def _workload_selector(ctx: Ctx, value: Any) -> tuple[Labels | None, bool]:
+    """A DestinationRule's ``spec.workloadSelector``: its ``matchLabels``
+    (Kubernetes label names and values), and whether it was read; None
+    where there is none (``workloadSelector:`` with nothing is none too,
+    as protobuf reads it). Which sidecars it then applies on is
+    ``_table._policies``' to say. Without labels (``{}``, ``matchLabels:
+    {}``) it selects every pod of its namespace, as pilot matches it (an
+    empty set is a subset of any): a warning, as Istio's validation gives."""
+    if value is None:
+        return None, True
+    path: Path = ("spec", "workloadSelector")
+    sel = fields(ctx, value, path, allowed=("matchLabels",))
+    if sel is None:
+        return None, False
+    got = labels(ctx, sel.get("matchLabels"), (*path, "matchLabels"))
+    if got is None:
+        return None, False
+    if not got and set(sel) <= {"matchLabels"}:
+        ctx.warning(
+            path,
+            f"{dotted(path)} has no matchLabels: it selects every pod of namespace "
+            f"{ctx.namespace}, whose sidecars take this DestinationRule over one without a "
+            "workloadSelector (Istio warns: workload selector specified without labels)",
+        )
+    return got, True
+
+
+def _selector_export_to(ctx: Ctx, value: Any) -> bool:
+    """``spec.exportTo`` of a DestinationRule of a ``workloadSelector``:
+    none, or its own namespace alone (``.`` or its name), as Istio's
+    validation has it (pilot never exports such a rule: it applies on the
+    sidecars of its own namespace only). Which namespace the sidecar is in
+    is ``_table._policies``' to weigh, not an error here: a rule of
+    another namespace applies on none of this one's pods, as in Istio."""
+    path: Path = ("spec", "exportTo")
+    items = listing(ctx, value, path)
+    if items is None:
+        return False
+    ok = True
+    for i, item in enumerate(items):
+        e = text(ctx, item, (*path, i), required=True)
+        if e is None:
+            ok = False
+        elif e not in (".", ctx.namespace):
+            ctx.error(
+                (*path, i),
+                f"{dotted((*path, i))} {e!r}: a DestinationRule with a workloadSelector cannot "
+                f"be exported beyond its own namespace ({ctx.namespace}: '.'); Istio refuses it "
+                "and applies it on the sidecars of that namespace only",
+            )
+            ok = False
+    if ok and len(items) > 1:
+        ctx.error(
+            path,
+            f"{dotted(path)} holds {len(items)} entries: a DestinationRule with a "
+            "workloadSelector may name its own namespace once ('.'), and no other "
+            "(Istio refuses it)",
+        )
+        ok = False
+    return ok
 
 
 def _traffic_policy(

@@ -10,6 +10,7 @@ duplicate names and hosts) and compiles the :class:`~l4proxy.rules.routing.Route
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,14 +59,19 @@ class EndpointBudget:
 
 @dataclass(frozen=True)
 class Env:
-    """Loader parameters: the namespace of objects without one, the cluster domain;
-    and the load's :class:`EndpointBudget` (one Env a load)."""
+    """Loader parameters: the namespace of objects without one (the
+    sidecar's own), the cluster domain; the labels of the pod the sidecar
+    runs in (None: not known, as to ``l4proxy validate`` without
+    ``--pod-labels``), which pick the DestinationRules of a
+    ``workloadSelector`` that apply (``_table._policies``); and the load's
+    :class:`EndpointBudget` (one Env a load)."""
 
     namespace: str = "default"
     domain: str = "cluster.local"
     endpoints: EndpointBudget = field(
         default_factory=EndpointBudget, compare=False, hash=False, repr=False
     )
+    pod_labels: Mapping[str, str] | None = field(default=None, compare=False, hash=False)
 
 
 def fqdn(host: str, namespace: str, env: Env) -> str:
@@ -257,6 +263,14 @@ class PolicyDraft:
     hash_on: HashOn | None = None
     # trafficPolicy.portLevelSettings, by service port
     port_level: dict[int, PortPolicyDraft] = field(default_factory=dict)
+    # workloadSelector.matchLabels: the client pods (sidecars) of its
+    # namespace it applies to (empty: every one); None: no workloadSelector,
+    # every sidecar the rule is exported to
+    selector: Labels | None = None
+    # metadata.creationTimestamp, seconds since the epoch: of two rules of a
+    # workloadSelector that select one pod, the older applies (pilot's
+    # order); None: not given
+    created: float | None = None
 
 
 # A load balancer policy and, with "HASH", what it hashes (Subset.load_balancer,

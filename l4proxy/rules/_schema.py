@@ -128,6 +128,9 @@ class Where:
     def warning(self, message: str, reason: str | None = None) -> None:
         self.ctx.diag(self.path, message, "warning", reason)
 
+    def note(self, message: str) -> None:
+        self.ctx.diag(self.path, message, "note")
+
     @property
     def location(self) -> str:
         return f"{self.ctx.file}:{self.ctx.line_of(self.path)}"

@@ -32,6 +32,7 @@ from l4proxy.rules._objects import (
     RouteDraft,
     RuleDraft,
     ServiceDraft,
+    oldest_first,
     policy_subset,
 )
 from l4proxy.rules._schema import Where
@@ -115,7 +116,7 @@ def subset_name(labels: Labels) -> str:
 
 def build_table(d: Drafts, env: Env, seed: int | None) -> RouteTable:
     services = _registry(d)
-    policies = _policies(d, services)
+    policies = _policies(d, services, env)
     warned: set[tuple[int, str]] = set()
     memo: dict[tuple[int, bool], Destination | None] = {}
     claimed = check_claims(d.istio_gateways, d.gateways, d.ingress)
@@ -334,39 +335,128 @@ def _no_service(where: Where, host: str, d: Drafts, what: str, reason: str | Non
     where.warning(f"{host} has no ServiceEntry in these files; {what}{hint}", reason)
 
 
-def _policies(d: Drafts, services: dict[str, Service]) -> dict[str, PolicyDraft]:
+def _policies(d: Drafts, services: dict[str, Service], env: Env) -> dict[str, PolicyDraft]:
+    """Each host's DestinationRule on this sidecar: the one without a
+    ``workloadSelector`` (two for one host are an error), in place of which
+    one of a ``workloadSelector`` that selects this pod applies
+    (:func:`_selected`). Every rule is checked against the registry,
+    applied here or not."""
     policies: dict[str, PolicyDraft] = {}
+    selected: dict[str, list[PolicyDraft]] = defaultdict(list)
+    alike: dict[tuple[str, str, Labels], PolicyDraft] = {}
     for p in d.policies:
         assert p.where is not None
-        first = policies.get(p.host)
-        if first is not None:
-            assert first.where is not None
-            p.where.error(
-                f"host {p.host} already has DestinationRule {first.name} "
-                f"({first.where.location}); merge their subsets into one"
-            )
-            continue
-        policies[p.host] = p
-        svc = services.get(p.host)
-        if svc is None:
-            _no_service(p.where, p.host, d, "this DestinationRule applies once one is loaded")
-            continue
-        entries = [*p.port_level.values()]
-        entries.extend(e for s in p.subsets.values() for e in s.port_level.values())
-        for entry in entries:
-            if svc.port(entry.port) is None:
-                ports = ", ".join(str(q.number) for q in svc.ports)
-                entry.where.warning(
-                    f"port {entry.port} is not a port of {p.host} (ports: {ports}); "
-                    "this portLevelSettings entry applies to no traffic"
+        if p.selector is not None:
+            same = alike.setdefault((p.host, p.namespace, p.selector), p)
+            if same is not p:
+                assert same.where is not None
+                p.where.error(
+                    f"host {p.host} already has DestinationRule {same.name} "
+                    f"({same.where.location}) of the same workloadSelector "
+                    f"({p.selector or 'no labels'}); merge their subsets into one"
                 )
-        for s in p.subsets.values():
-            if not d.selectable(svc).any(s.labels):
-                s.where.error(
-                    f"subset {s.name} ({s.labels or 'no labels'}) selects no endpoint of "
-                    f"{p.host} (its endpoints have: {_describe_endpoints(svc)})"
+                continue
+            if _selects(p, env):
+                selected[p.host].append(p)
+        else:
+            first = policies.get(p.host)
+            if first is not None:
+                assert first.where is not None
+                p.where.error(
+                    f"host {p.host} already has DestinationRule {first.name} "
+                    f"({first.where.location}); merge their subsets into one"
                 )
+                continue
+            policies[p.host] = p
+        _check_policy(p, d, services)
+    for host, rules in selected.items():
+        policies[host] = _selected(rules, policies.get(host))
     return policies
+
+
+def _selects(p: PolicyDraft, env: Env) -> bool:
+    """Whether DestinationRule *p* of a ``workloadSelector`` applies on
+    this sidecar, as pilot's SidecarScope.DestinationRule has it: on the
+    sidecars of its own namespace (``--namespace``) whose pod has every
+    label of its ``matchLabels`` (``--pod-labels``). Where it does not,
+    or the pod's labels are not known (``validate`` without
+    ``--pod-labels``), a note (a warning for another namespace's, which
+    applies on no pod of this one)."""
+    assert p.where is not None and p.selector is not None
+    sel = f"workloadSelector ({p.selector or 'no labels: every pod'})"
+    if p.namespace != env.namespace:
+        p.where.warning(
+            f"not applied: a DestinationRule of a workloadSelector applies on the sidecars of "
+            f"its own namespace ({p.namespace}) only, as in Istio, and this sidecar's is "
+            f"{env.namespace} (--namespace)"
+        )
+        return False
+    if env.pod_labels is None:
+        p.where.note(
+            f"applies on the sidecars of the pods of {p.namespace} that its {sel} selects; "
+            "checked here as for a pod it does not select (the pod's labels are not known: "
+            "give --pod-labels to check these rules as on one it selects)"
+        )
+        return False
+    if not p.selector.selects(env.pod_labels):
+        p.where.note(
+            f"not applied: its {sel} does not select this pod "
+            f"({Labels(env.pod_labels) or 'no labels'}: --pod-labels, --pod-labels-file)"
+        )
+        return False
+    return True
+
+
+def _selected(rules: list[PolicyDraft], catch_all: PolicyDraft | None) -> PolicyDraft:
+    """The DestinationRule that applies on this pod of *rules*, those of a
+    ``workloadSelector`` that select it (one host's): the oldest (its
+    ``creationTimestamp``, one without it the newest), then the first by
+    name, as pilot sorts them, whole, in place of *catch_all* (the host's
+    rule without a selector, if any: pilot's SidecarScope.DestinationRule
+    returns the first that selects the proxy before it). The others are a
+    warning each."""
+    rules = sorted(rules, key=lambda p: (*oldest_first(p.created), p.name))
+    won = rules[0]
+    assert won.where is not None
+    for p in rules[1:]:
+        assert p.where is not None
+        p.where.warning(
+            f"not applied: DestinationRule {won.name} ({won.where.location}) selects this pod "
+            f"for host {p.host} too, and applies, the "
+            + ("older" if won.created != p.created else "first by name")
+            + " (by creationTimestamp, then name, as in Istio)"
+        )
+    instead = ""
+    if catch_all is not None:
+        assert catch_all.where is not None
+        instead = f", in place of DestinationRule {catch_all.name} ({catch_all.where.location})"
+    won.where.note(f"applies on this pod (its workloadSelector selects it){instead}")
+    return won
+
+
+def _check_policy(p: PolicyDraft, d: Drafts, services: dict[str, Service]) -> None:
+    """DestinationRule *p* against the registry: its host's service, the
+    ports of its portLevelSettings, what its subsets select."""
+    assert p.where is not None
+    svc = services.get(p.host)
+    if svc is None:
+        _no_service(p.where, p.host, d, "this DestinationRule applies once one is loaded")
+        return
+    entries = [*p.port_level.values()]
+    entries.extend(e for s in p.subsets.values() for e in s.port_level.values())
+    for entry in entries:
+        if svc.port(entry.port) is None:
+            ports = ", ".join(str(q.number) for q in svc.ports)
+            entry.where.warning(
+                f"port {entry.port} is not a port of {p.host} (ports: {ports}); "
+                "this portLevelSettings entry applies to no traffic"
+            )
+    for s in p.subsets.values():
+        if not d.selectable(svc).any(s.labels):
+            s.where.error(
+                f"subset {s.name} ({s.labels or 'no labels'}) selects no endpoint of "
+                f"{p.host} (its endpoints have: {_describe_endpoints(svc)})"
+            )
 
 
 def _routes(

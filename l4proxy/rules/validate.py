@@ -55,6 +55,7 @@ examples:
   l4proxy validate -v deploy/examples/rules    # also print the route table
   l4proxy validate -n shop rules.yaml          # objects without a namespace are in 'shop'
   l4proxy validate --strict rules/             # in CI: a warning fails too
+  l4proxy validate --pod-labels app=web rules/ # as the sidecar of a pod of these labels
 
 an error reads like istioctl's:
   bootcamp.yaml:12: RouteRule bootcamp-default: route weights total 90 (must total 100)
@@ -78,6 +79,17 @@ def _positive_bytes(value: str) -> int:
     if not value.isdigit() or int(value) == 0:
         raise argparse.ArgumentTypeError(f"{value!r}: a number of bytes, more than 0")
     return int(value)
+
+
+def _pod_labels(value: str) -> dict[str, str]:
+    """--pod-labels, as the sidecar reads its own: ``key=value,...``."""
+    out: dict[str, str] = {}
+    for item in filter(None, value.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise argparse.ArgumentTypeError(f"expected key=value[,key=value], got {value!r}")
+        out[k.strip()] = v.strip()
+    return out
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -114,6 +126,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="cluster DNS domain (default: %(default)s)",
     )
     p.add_argument(
+        "--pod-labels",
+        type=_pod_labels,
+        default=None,
+        metavar="K=V,...",
+        help="the labels of the pod whose sidecar loads the files (its --pod-labels): the "
+        "DestinationRules whose workloadSelector selects it apply in place of the others, "
+        "as on that sidecar; without it none of them does, with a note each",
+    )
+    p.add_argument(
         "--max-bytes",
         type=_positive_bytes,
         default=DEFAULT_MAX_BYTES,
@@ -133,6 +154,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             namespace=args.namespace,
             domain=args.domain,
             max_bytes=args.max_bytes,
+            pod_labels=getattr(args, "pod_labels", None),
         )
     except ConfigUnreadable as exc:
         _print_diagnostics(exc.diagnostics, err, verbose=args.verbose)

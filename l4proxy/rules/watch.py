@@ -453,10 +453,14 @@ class RuleWatcher:
         load_deadline: float = DEFAULT_LOAD_DEADLINE,
         dns_warm_timeout: float | None = None,
         last_good_fd: int | None = None,
+        pod_labels: Mapping[str, str] | None = None,
     ) -> None:
         self.paths = list(paths)
         self.namespace = namespace
         self.domain = domain
+        # this pod's labels (--pod-labels): which DestinationRules of a
+        # workloadSelector apply (load_rules); None: not known
+        self.pod_labels = None if pod_labels is None else dict(pod_labels)
         self.interval = interval
         # How long the files must have been still before they are loaded:
         # a writer that pauses longer between two writes (a generator, scp,
@@ -757,7 +761,13 @@ class RuleWatcher:
         read = read_rules(self.paths, read_pipes=False)
         entries = {e[0]: e for e in fp}
         try:
-            result = load_rules(self.paths, namespace=self.namespace, domain=self.domain, read=read)
+            result = load_rules(
+                self.paths,
+                namespace=self.namespace,
+                domain=self.domain,
+                read=read,
+                pod_labels=self.pod_labels,
+            )
         except ConfigError as exc:
             refused = bare(exc)  # (kept in Loaded)
         else:
@@ -856,6 +866,7 @@ class RuleWatcher:
                 self.paths,
                 namespace=self.namespace,
                 domain=self.domain,
+                pod_labels=self.pod_labels,
                 read=read.replaced({h.path: last[h.path][1] if h.served else None for h in held}),
             )
         except ConfigError as again:
@@ -879,6 +890,7 @@ class RuleWatcher:
                 self.paths,
                 namespace=self.namespace,
                 domain=self.domain,
+                pod_labels=self.pod_labels,
                 read=RuleFiles([(path, text) for path, (_, text) in last.items()]),
             )
         except ConfigError:

@@ -451,7 +451,8 @@ def add_parser(sub: Any) -> None:
         type=_labels,
         default={},
         metavar="K=V,...",
-        help="this pod's labels, for RouteRule match.source / sourceLabels (they win over "
+        help="this pod's labels, for RouteRule match.source / sourceLabels and the "
+        "DestinationRules whose workloadSelector selects the pod (they win over "
         "--pod-labels-file's)",
     )
     p.add_argument(
@@ -851,6 +852,7 @@ async def _serve(
         seed=None if args.seed is None else args.seed + args.worker_index,
         # (the supervisor's memory file of the files' last good versions)
         last_good_fd=args.rules_last_good_fd if args.rules_last_good_fd >= 0 else None,
+        pod_labels={**args.pod_labels_file, **args.pod_labels},
     )
     if args.rules:
         held.requested = False  # a reload asked for before now: this load is it

@@ -1,0 +1,79 @@
+"""A DestinationRule's ``workloadSelector`` on a real sidecar: the rule
+applies on the sidecar of a pod its ``matchLabels`` select (the pod's
+labels: ``--pod-labels``), in place of the host's rule without a selector,
+and not on another pod's, as Istio's pilot picks the rule per proxy.
+
+Observed on real sockets: one VirtualService routes every request to
+subset ``pinned``, which the rule without a selector pins to v1 and the
+rule of a selector to v2; which version answers says which rule the
+sidecar applied, in both --http-routing modes. The choice is made when
+the rules load (the table holds the chosen rule alone): the data plane is
+unchanged, whichever of its twins serves the table."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.mesh import VIP, Mesh, service_entry
+
+pytestmark = pytest.mark.netns
+
+VS = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bootcamp}
+spec:
+  hosts: [bootcamp]
+  http:
+  - route:
+    - destination: {host: bootcamp, subset: pinned}
+"""
+EVERYONE_V1 = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: bootcamp}
+spec:
+  host: bootcamp
+  subsets:
+  - name: pinned
+    labels: {version: v1}
+"""
+CANARY_CALLERS_V2 = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: bootcamp-canary-callers}
+spec:
+  host: bootcamp
+  exportTo: ["."]
+  workloadSelector:
+    matchLabels: {track: canary}
+  subsets:
+  - name: pinned
+    labels: {version: v2}
+"""
+
+
+@pytest.mark.parametrize(
+    ("pod_labels", "version"),
+    [
+        pytest.param("app=client,track=canary", "v2", id="selected"),
+        pytest.param("app=client,track=stable", "v1", id="not-selected"),
+        pytest.param(None, "v1", id="no-labels"),
+    ],
+)
+@pytest.mark.parametrize("routing", ["connection", "request"])
+def test_a_workload_selector_rule_applies_on_the_pods_it_selects(
+    mesh: Mesh, routing: str, pod_labels: str | None, version: str
+) -> None:
+    mesh.write_rules(
+        service_entry("bootcamp", VIP, 8080, mesh.endpoints()),
+        VS,
+        EVERYONE_V1,
+        CANARY_CALLERS_V2,
+    )
+    args = ["--http-routing", routing]
+    if pod_labels is not None:
+        args += ["--pod-labels", pod_labels]
+    mesh.start_client(run_args=args)
+    versions, _, failures = mesh.split(n=20)
+    assert not failures and versions == {version: 20}, (versions, failures)
