@@ -4302,6 +4302,43 @@ cdef inline void request_read(Relay *R, Conn *c, double now) noexcept nogil:
     try_timer(R, c, now)
 
 
+cdef bint body_here(Conn *c) noexcept nogil:
+    """Whether the request's body is all in c.inb already, after its head
+    (read with it), before any of it was taken (send_request()): a
+    Content-Length body's bytes, or a chunked body's last chunk and
+    trailers (its machine run on a copy: nothing taken, c.rck as it was;
+    one that cannot be framed is not here: its 400 comes at the send)."""
+    cdef int64_t avail = <int64_t>(c.inb.len - c.head_len)
+    cdef Chunked k
+    if c.rck == NULL:
+        return c.req_left <= avail
+    k = c.rck[0]
+    chunked(&k, <const unsigned char*>c.inb.p + c.head_len, <Py_ssize_t>avail)
+    return k.state == C_DONE
+
+
+cdef void body_here_read(Relay *R, Conn *c, double now) noexcept nogil:
+    """A request with a body, about to take its first try (its route
+    timeout set): where its body came whole with its head (body_here()),
+    its route timeout runs from now, its connect's time and a wait in line
+    for a connection counted, as Envoy's router's from the request's end
+    (Filter::onRequestComplete: it buffers the body while the connection
+    is made); else from the body's last byte read (request_read()). Its
+    per-try timer starts at its connection's readiness all the same
+    (try_timer(): c.req_left 0 once send_request() took the body). Never
+    on the path of a request without a body (the caller's c.req_left).
+    Called through BODY_HERE_READ: never inlined into its callers (the
+    chunked machine's copy on its stack would cost them a stack-protector
+    canary, a request without a body too)."""
+    if c.resp_deadline == 0 and body_here(c):
+        c.resp_deadline = now + c.timeout
+        timer_at(R, c.resp_deadline)
+
+
+cdef void (*BODY_HERE_READ)(Relay *R, Conn *c, double now) noexcept nogil
+BODY_HERE_READ = body_here_read
+
+
 cdef bint retry_status(const Retry_ *p, int status) noexcept nogil:
     """Whether the policy retries a try answered with this final status."""
     cdef int b = status - 100
@@ -4512,10 +4549,23 @@ cdef void route_timeout(Relay *R, Conn *c, double now) noexcept nogil:
     when no final head went out, else the client connection is reset (a
     clean close would pass a cut close-delimited body off as whole). The
     upstream is closed either way, a gateway failure unless still connecting."""
+    cdef int64_t take
+    cdef bint bad = False
     L4R_ADD(&R.ctr[<int>CT_TIMEOUTS], 1)
     c.resp_deadline = 0
     if c.pend_ep != NULL:  # it waited for a connection: no more
         pend_unlink(c)
+    if c.rs == RS_HEAD and c.req_left and c.head_len and body_here(c):
+        # before its send, its body all here (body_here_read()): read and
+        # dropped with its head (upstream_failed()), the client connection
+        # kept as after a request without a body, as Envoy keeps it after
+        # its local reply to a request read whole. Its copies first, while
+        # c.req_left says the body is not held (c.replay has its head
+        # alone): dropped, as the pure twin's _given_up() drops them
+        if c.shadow != NULL:
+            mirror_give_up(R, c, now)
+        take = body_take(c, c.inb.p + c.head_len, <int64_t>(c.inb.len - c.head_len), &bad)
+        c.head_len += <size_t>take
     if c.rs == RS_HEAD:
         upstream_failed(R, c, 504, _LOCAL_504, _LOCAL_504_LEN,
                         _LOCAL_504_KEEP, _LOCAL_504_KEEP_LEN,
@@ -6606,6 +6656,8 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         return  # delayed (timers_due() goes on with it) or aborted
     if c.req_left == 0:
         request_read(R, c, now)  # a request without a body: its connect counts
+    elif c.timeout > 0:
+        BODY_HERE_READ(R, c, now)  # one whose body came with its head: its connect too
     try_ep(R, c, c.cand[0], now, True)
 
 
@@ -6672,6 +6724,8 @@ cdef void fault_over(Relay *R, Conn *c, double now) noexcept nogil:
         return
     if c.req_left == 0:
         request_read(R, c, now)
+    elif c.timeout > 0:
+        BODY_HERE_READ(R, c, now)
     try_ep(R, c, c.cand[0], now, True)
 
 

@@ -243,7 +243,9 @@ Decisions
   or a response that cannot be framed. A request sent once more after a
   reused connection failed, a client's error and a client gone tell nothing.
 * *Route timeout* (Envoy's, ``http[].timeout``): the shell times the
-  request from its last byte read (:attr:`Exchange.request_complete`) and
+  request from its last byte read (:attr:`Exchange.request_complete`: a
+  body that came whole with its head, from its routing, its connect
+  counted, as Envoy's router buffers it while connecting) and
   calls :meth:`Exchange.upstream_timeout` when the route's timeout passes
   before the response's end: 504 ``upstream request timeout`` (Envoy's
   local reply) when no final head went out, else the client connection is
@@ -1278,13 +1280,34 @@ class Exchange:
 
     @property
     def request_complete(self) -> bool:
-        """The current request was read whole (its head, with no body, in
-        ROUTING): its route timeout runs from now."""
+        """The current request was read whole (in ROUTING: its head, with
+        no body, or with its body all in the bytes read with it,
+        :meth:`_body_here`): its route timeout runs from now, as Envoy's
+        from the request's end (its router buffers a body while the
+        connection is made)."""
         if self.phase == Phase.EXCHANGE:
             return self._request is not None and self._request.done
         if self.phase == Phase.ROUTING and self.head is not None:
-            return request_framing(self.head)[0] == Framing.NONE
+            return self._body_here()[0]
         return False
+
+    def _body_here(self) -> tuple[bool, int]:
+        """In ROUTING, before a try took the request: whether its body is
+        all here already, in the bytes read with its head (a request
+        without one: True), and how many of them it is (a chunked body's
+        last chunk and trailers framed; one that cannot be framed is not
+        here: its 400 comes at the send). Nothing is taken. The compiled
+        twin's body_here()."""
+        assert self.head is not None
+        kind, length = request_framing(self.head)
+        if kind == Framing.NONE:
+            return True, 0
+        framer = BodyFramer(kind, length, error_status=400, max_trailers=self.max_head)
+        try:
+            used = framer.feed(self._inbox)
+        except FramingError:
+            return False, 0
+        return framer.done, used
 
     @property
     def wants_client_data(self) -> bool:
@@ -1570,12 +1593,19 @@ class Exchange:
             return []
         reason = "upstream request timeout"
         if self.phase == Phase.ROUTING:  # still connecting: no endpoint to blame
-            # (its request has no body: the timeout runs from its head's end;
-            # one with a body unread is closed, never read as the next head)
+            # (its request has no body, or its body came whole with its
+            # head: the timeout runs from its end, request_complete; that
+            # body is read and dropped, the connection kept as after a
+            # request without one, as Envoy's local reply to a request read
+            # whole; one with a body unread is closed, never read as the
+            # next head)
             assert self.head is not None
             self.status = 504
-            bodyless = request_framing(self.head)[0] == Framing.NONE
-            keep = bodyless and self._keeps_after_local_answer()
+            whole, used = self._body_here()
+            keep = whole and self._keeps_after_local_answer()
+            if whole:
+                self._received += used
+                del self._inbox[:used]
             answer = local_response(
                 504, reason, not keep, head_only=self._head_only(), http10=self._http10()
             )

@@ -158,7 +158,8 @@ endpoint's pool idle timeout (``endpoint_settings``, else the pool's), at
 the tick: within a tick of it, a timeout shorter than the tick too. A route
 with a timeout (``Decision.timeout``, Envoy's route timeout) times its
 request from the request's last byte read (``Exchange.request_complete``:
-the head's, for a request without a body, so a slow connect counts) to
+the head's, for a request without a body, or for one whose body came
+whole with it, so a slow connect counts) to
 the response's last byte; past it ``Exchange.upstream_timeout`` says what
 to do (504, or a reset once the response began), and the upstream
 connection is closed, never pooled.
