@@ -1206,3 +1206,286 @@ def test_resolv_conf_options_with_a_non_ascii_digit_are_ignored() -> None:
         "nameserver 10.0.0.10\noptions timeout:\u00b2 attempts:3 ndots:\u00b9\n"
     )
     assert (conf.timeout, conf.attempts, conf.ndots) == (5.0, 3, 1)
+
+
+# -- a DNS change's re-expansion: off the event loop ----------------------------------
+
+
+class GatedExpansion:
+    """resolved_table as the watcher calls it (patched in), watched: each
+    call counted with the thread it ran in; ``hold`` (a threading.Event),
+    where set, is waited on by the next call, in its thread, before it
+    expands (``entered`` says it is there); ``working`` is true while the
+    real expansion runs. A call on the event loop's thread that would wait
+    raises: held there, it would stop the very loop the test watches."""
+
+    def __init__(self, real: Callable[..., RouteTable]) -> None:
+        self.real = real
+        self.hold: threading.Event | None = None
+        self.entered = threading.Event()
+        self.threads: list[str] = []
+        self.done = 0
+        self.working = False
+
+    def __call__(self, base: RouteTable, states: Any) -> RouteTable:
+        me = threading.current_thread()
+        self.threads.append(me.name)
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            if me is threading.main_thread():
+                raise AssertionError("a DNS change expanded on the event loop's thread")
+            self.entered.set()
+            assert hold.wait(10), "never released"
+        self.working = True
+        try:
+            return self.real(base, states)
+        finally:
+            self.working = False
+            self.done += 1
+
+
+@pytest.fixture
+def gated(monkeypatch: pytest.MonkeyPatch) -> GatedExpansion:
+    from l4proxy.rules import watch as rulewatch
+
+    gate = GatedExpansion(rulewatch.resolved_table)
+    monkeypatch.setattr(rulewatch, "resolved_table", gate)
+    return gate
+
+
+async def _until(what: Callable[[], bool], why: str) -> None:
+    for _ in range(500):
+        if what():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not {why} within 10 s")
+
+
+def _big_rules(services: int, ports: int) -> str:
+    """*services* ServiceEntries of *ports* ports each, resolution DNS, each
+    with two endpoint names (svc<i>-a.test., svc<i>-b.test.)."""
+    docs = []
+    port_list = ", ".join(
+        f"{{number: {8000 + p}, name: http-{p}, protocol: HTTP}}" for p in range(ports)
+    )
+    for i in range(services):
+        docs.append(
+            textwrap.dedent(
+                f"""\
+                apiVersion: networking.istio.io/v1alpha3
+                kind: ServiceEntry
+                metadata: {{name: svc{i}}}
+                spec:
+                  hosts: [svc{i}.test]
+                  ports: [{port_list}]
+                  resolution: DNS
+                  endpoints:
+                  - {{address: svc{i}-a.test., labels: {{version: v1}}}}
+                  - {{address: svc{i}-b.test., labels: {{version: v2}}}}
+                """
+            )
+        )
+    return "---\n".join(docs)
+
+
+def _zone(services: int, addresses: int, third: int) -> Zone:
+    """Each name of _big_rules with *addresses* A records, 10.<third>.x.y."""
+    zone: Zone = {}
+    for i in range(services):
+        for j, tail in enumerate("ab"):
+            base = (i * 2 + j) * addresses
+            zone[(f"svc{i}-{tail}.test", wire.TYPE_A)] = [
+                f"10.{third}.{(base + k) // 250}.{(base + k) % 250 + 1}" for k in range(addresses)
+            ]
+    return zone
+
+
+def test_a_dns_change_is_expanded_off_the_loop_the_admin_answering_meanwhile(
+    fake_dns: FakeDns, tmp_path: Path, gated: GatedExpansion
+) -> None:
+    """Each DNS change re-expanded the whole table on the event loop: with
+    thousands of ServiceEntries some 0.6 s in which nothing else ran (no
+    accept, no /ready, no /stats, no control op from the supervisor). It
+    is made in a thread now. Here 300 ServiceEntries of 3 ports, their 600
+    names 30 addresses each (54,000 endpoint entries): the expansion is held
+    in its thread while the admin endpoint answers /ready and /stats on a
+    real socket, and the table goes live once it is released, the loop
+    seen turning (a probe coroutine's ticks counted) while it runs."""
+    from l4proxy.dataplane.listener import bind_listener
+    from l4proxy.sidecar.admin import AdminServer, WorkerView
+    from l4proxy.sidecar.worker import Worker, WorkerOptions
+
+    services, ports, addresses = 300, 3, 30
+    (tmp_path / "rules.yaml").write_text(_big_rules(services, ports))
+    fake_dns.zone = _zone(services, addresses, 1)
+    swaps: list[tuple[int, int]] = []
+
+    def fetch(url: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def entries(w: RuleWatcher) -> tuple[int, int]:
+        """(endpoint entries that are addresses, those still names)"""
+        eps = [e for svc in w.state.table.services() for _, es in svc.port_endpoints for e in es]
+        names = sum(1 for e in eps if e.address.endswith(".test."))
+        return len(eps) - names, names
+
+    async def main() -> tuple[int, int, float]:
+        w = RuleWatcher(
+            [str(tmp_path)],
+            resolver=_resolver(fake_dns, tmp_path, timeout=2.0),
+            on_swap=lambda st: swaps.append((st.generation, st.dns_updates)),
+        )
+        assert w.load_now()  # (at start: expanded on the loop, as nothing is served yet)
+        assert entries(w) == (0, services * 2 * ports)
+        gated.done = 0
+        gated.threads.clear()
+        lst = bind_listener("127.0.0.1", 0, "gateway")
+        worker = Worker([lst], w, WorkerOptions())
+        admin = AdminServer(WorkerView(worker, "test"), lambda: None)
+        await admin.start("127.0.0.1", 0)
+        url = "http://{}:{}".format(*admin.address)
+        try:
+            gated.hold = release = threading.Event()
+            refresh = asyncio.ensure_future(w.refresh_dns())
+            await _until(gated.entered.is_set, "expanding")
+            # The expansion is under way (in its thread, held): the admin
+            # endpoint answers, and the table live is the one before.
+            ready = await asyncio.to_thread(fetch, url + "/ready")
+            stats = await asyncio.to_thread(fetch, url + "/stats")
+            assert ready[0] in (200, 503) and ready[1], ready  # (503: names not all looked up)
+            assert stats[0] == 200 and "istio_requests_total" in stats[1], stats
+            assert w.expanding and gated.done == 0 and not refresh.done()
+            assert entries(w) == (0, services * 2 * ports) and w.state.dns_updates == 0
+            # every name answered meanwhile: the answers after the first
+            # batch's are expanded together, once it is released; the loop
+            # turns all through both expansions (a probe's ticks counted
+            # while the real expansion runs; on the loop: none)
+            await _until(lambda: all(st.lookups for st in w.dns.names.values()), "all looked up")
+            ticks, stall, stop = 0, 0.0, False
+
+            async def probe() -> None:
+                nonlocal ticks, stall
+                while not stop:
+                    at = time.monotonic()
+                    await asyncio.sleep(0.001)
+                    stall = max(stall, time.monotonic() - at)
+                    ticks += gated.working
+
+            probing = asyncio.ensure_future(probe())
+            try:
+                release.set()
+                assert await refresh
+            finally:
+                stop = True
+                await probing
+            assert entries(w) == (services * 2 * ports * addresses, 0)
+            assert w.state.dns_updates == 2 and gated.done == 2, (w.state.dns_updates, gated.done)
+            assert all(name.startswith("l4proxy-rules-dns") for name in gated.threads)
+            return ticks, gated.done, stall
+        finally:
+            await admin.close()
+            worker.close()
+            lst.sock.close()
+
+    ticks, expansions, stall = asyncio.run(main())
+    # On the loop, the probe never ran while an expansion did: 0 ticks. In a
+    # thread it runs at each of the GIL's switches (5 ms): 6-12 seen here.
+    # (*stall*, the probe's longest wait, is said, not judged: what is left
+    # is the worker's work on each new table, on the loop, and collections.)
+    assert expansions == 2 and ticks >= 2, (ticks, expansions, stall)
+    assert all(generation == 1 for generation, _ in swaps)  # DNS swaps: no rule load
+
+
+def _one_service(*rows: str, port: int = 8080) -> str:
+    return textwrap.dedent(
+        f"""\
+        apiVersion: networking.istio.io/v1alpha3
+        kind: ServiceEntry
+        metadata: {{name: svc}}
+        spec:
+          hosts: [svc.test]
+          ports: [{{number: {port}, name: http, protocol: HTTP}}]
+          resolution: DNS
+          endpoints:
+        """
+    ) + "".join(f"  - {{address: {row}}}\n" for row in rows)
+
+
+def test_a_reload_racing_a_dns_publish_ends_with_its_table_and_the_newest_answers(
+    fake_dns: FakeDns, tmp_path: Path, gated: GatedExpansion
+) -> None:
+    """A reload and a DNS change, each expanded in a thread, never swap in
+    the other's stale table. (1) An answer that comes while the reload's
+    table is being expanded: the DNS swap of the old base goes live first,
+    then the reload's table, expanded again with that answer (not the one
+    it started with). (2) A DNS expansion of the old base that ends after a
+    reload went live: dropped (it would have put the old rules back), the
+    reload's table having been expanded with that answer already."""
+    fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.1"]
+    fake_dns.zone[("b.test", wire.TYPE_A)] = ["127.0.0.3"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_one_service("a.test."))
+    published: list[tuple[int, int, list[str]]] = []
+
+    def on_swap(st: Any) -> None:
+        (svc,) = st.table.services()
+        published.append(
+            (st.generation, svc.ports[0].number, sorted(e.address for e in svc.endpoints))
+        )
+
+    async def main() -> None:
+        w = RuleWatcher(
+            [str(rules)],
+            interval=3600,
+            settle=0,
+            resolver=_resolver(fake_dns, tmp_path, timeout=2.0),
+            dns_min_ttl=60,
+            on_swap=on_swap,
+        )
+        assert w.load_now()
+        gated.done = 0
+        assert await w.refresh_dns()
+
+        # (1) the reload's expansion held; a.test changes meanwhile
+        fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.2"]
+        rules.write_text(_one_service("a.test.", "b.test.", port=8081))
+        gated.hold = release = threading.Event()
+        gated.entered.clear()
+        reload = asyncio.ensure_future(w.reload())
+        await _until(gated.entered.is_set, "the reload expanding")
+        w.dns.names["a.test."].next_at = 0.0
+        assert await w.refresh_dns()  # the old base with 127.0.0.2: live
+        assert not reload.done()
+        release.set()
+        assert await reload
+
+        # (2) a DNS expansion held; a reload goes live meanwhile
+        fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.4"]
+        w.dns.names["a.test."].next_at = 0.0
+        gated.hold = release = threading.Event()
+        gated.entered.clear()
+        refresh = asyncio.ensure_future(w.refresh_dns())
+        await _until(gated.entered.is_set, "the DNS change expanding")
+        rules.write_text(_one_service("a.test.", port=8082))
+        assert await w.reload()
+        release.set()
+        assert await refresh
+        assert w.state.generation == 3 and w.state.dns_updates == 2
+        assert not w.expanding
+
+    asyncio.run(main())
+    assert published == [
+        (1, 8080, ["a.test."]),
+        (1, 8080, ["127.0.0.1"]),
+        (1, 8080, ["127.0.0.2"]),  # the answer, while the reload was expanded
+        (2, 8081, ["127.0.0.2", "127.0.0.3"]),  # expanded again: not 127.0.0.1
+        (3, 8082, ["127.0.0.4"]),  # and nothing after: the stale 8081 table dropped
+    ]
+    assert gated.done == 6  # the first answer, (1): 2 + 1, (2): 1 + 1 (dropped)

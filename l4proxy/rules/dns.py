@@ -12,7 +12,9 @@ name). :class:`DnsEndpoints` holds one :class:`NameState` per name the loaded
 table mentions, refreshes each when its TTL runs out, and
 :func:`resolved_table` rewrites the table so that a name becomes one
 :class:`~l4proxy.rules.routing.Endpoint` *per address*, same port, same labels. So
-round robin, subsets by label and outlier detection see pods, not names.
+round robin, subsets by label and outlier detection see pods, not names. The
+rule watcher runs it in a thread, on a copy of the answers
+(:func:`answers_of`): the states here are recorded on the event loop.
 
 * A name not resolved yet stays a name; the worker's connect resolves it with
   ``getaddrinfo`` in a thread, so the first seconds after start still route
@@ -82,6 +84,7 @@ __all__ = [
     "Resolution",
     "ResolvConf",
     "Resolver",
+    "answers_of",
     "dns_names",
     "read_hosts",
     "resolved_table",
@@ -556,6 +559,18 @@ def _expand(svc: Service, states: Mapping[str, NameState], cap: int = 0) -> Serv
         aliases=svc.aliases,
         resolution=svc.resolution,
     )
+
+
+def answers_of(states: Mapping[str, NameState]) -> dict[str, NameState]:
+    """What :func:`resolved_table` reads of *states* (each resolved name's
+    addresses), copied: an expansion runs in a thread while the loop goes on
+    recording answers in the states themselves. A name not resolved is left
+    out (to resolved_table, the same as unresolved)."""
+    return {
+        name: NameState(name, st.addresses, resolved=True)
+        for name, st in states.items()
+        if st.resolved
+    }
 
 
 def resolved_table(
