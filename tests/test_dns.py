@@ -1489,3 +1489,47 @@ def test_a_reload_racing_a_dns_publish_ends_with_its_table_and_the_newest_answer
         (3, 8082, ["127.0.0.4"]),  # and nothing after: the stale 8081 table dropped
     ]
     assert gated.done == 6  # the first answer, (1): 2 + 1, (2): 1 + 1 (dropped)
+
+
+def test_an_expansion_that_fails_is_logged_and_the_table_live_keeps_serving(
+    fake_dns: FakeDns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """A DNS change whose expansion raises (a bug of ours) leaves the table
+    live as it was, says why in the log, and does not stop the next
+    change's expansion, nor the DNS task."""
+    from l4proxy.rules import watch as rulewatch
+
+    real = rulewatch.resolved_table
+    failures = [RuntimeError("an expansion bug")]
+
+    def flaky(base: RouteTable, states: Any) -> RouteTable:
+        if failures:
+            raise failures.pop()
+        return real(base, states)
+
+    fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.1"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_one_service("a.test."))
+
+    async def main() -> tuple[list[str], list[str], int]:
+        w = RuleWatcher(
+            [str(rules)], interval=3600, resolver=_resolver(fake_dns, tmp_path, timeout=2.0)
+        )
+        assert w.load_now()
+        monkeypatch.setattr(rulewatch, "resolved_table", flaky)
+        assert await w.refresh_dns()  # answered: its expansion fails
+        kept = [e.address for e in w.state.table.services()[0].endpoints]
+        fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.2"]
+        w.dns.names["a.test."].next_at = 0.0
+        assert await w.refresh_dns()
+        return kept, [e.address for e in w.state.table.services()[0].endpoints], w.state.dns_updates
+
+    with caplog.at_level("ERROR", logger="l4proxy.rules"):
+        kept, after, updates = asyncio.run(main())
+    assert kept == ["a.test."] and after == ["127.0.0.2"] and updates == 1
+    assert not failures
+    assert any(
+        "expanding DNS answers" in r.getMessage() and "an expansion bug" in r.exc_text
+        for r in caplog.records
+        if r.exc_text
+    ), [r.getMessage() for r in caplog.records]
