@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy.rules import ConfigError, load_rules
-from l4proxy.rules.routing import HttpRetry, Labels, Request
+from l4proxy.rules import ConfigError, LoadResult, load_rules
+from l4proxy.rules.routing import HttpRetry, Labels, Request, RouteTable
 from tests.mesh import SEED_DIR as SEED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +32,52 @@ def write(tmp_path: Path, name: str, text: str) -> str:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(textwrap.dedent(text))
     return str(p)
+
+
+def _load(tmp_path: Path, name: str, text: str) -> LoadResult:
+    """*text* written to *name* and loaded with the registry (bootcamp)."""
+    return load_rules([write(tmp_path, name, text), REGISTRY])
+
+
+def _vs_route(field: str) -> str:
+    """A VirtualService for bootcamp: one http route to it, *field* (a
+    field of that route, its lines at the route's indentation) on line 9."""
+    return f"""\
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: bootcamp}}
+spec:
+  hosts: [bootcamp]
+  http:
+  - route:
+    - destination: {{host: bootcamp}}
+{textwrap.indent(field, "    ")}
+"""
+
+
+def _route_rule(*fields: str) -> str:
+    """Istio 0.7's RouteRule bootcamp-default for bootcamp, *fields* (its
+    further spec fields, each one or more lines) from line 6 on."""
+    head = """\
+apiVersion: config.istio.io/v1alpha2
+kind: RouteRule
+metadata: {name: bootcamp-default}
+spec:
+  destination: {name: bootcamp}
+"""
+    return head + "".join(textwrap.indent(f, "  ") + "\n" for f in fields)
+
+
+def _assert_retries(table: RouteTable, expected: HttpRetry | None) -> None:
+    """*table*'s one route to bootcamp has the retry policy *expected*: the
+    route, validate -v's JSON and a request's decision."""
+    (route,) = table.routes_for(HOST)
+    assert route.retries == expected
+    got = table.to_json()["routes"][HOST][0]["retries"]
+    assert got == (expected.to_json() if expected else None)
+    svc = table.service(HOST)
+    assert svc is not None
+    assert table.decide(svc, 8080, Request(path="/")).retries == expected
 
 
 # -- the seed -------------------------------------------------------------
@@ -385,22 +431,10 @@ def test_a_virtual_service_answers_404_when_no_route_matches_a_route_rule_does_n
 def test_virtual_service_timeout_compiles(tmp_path: Path, value: str, seconds: float) -> None:
     """http[].timeout is the route's timeout in seconds ("0s": none, Istio's
     default); a reload that changes only it is a new table."""
-    vs = f"""\
-    apiVersion: networking.istio.io/v1beta1
-    kind: VirtualService
-    metadata: {{name: bootcamp}}
-    spec:
-      hosts: [bootcamp]
-      http:
-      - route:
-        - destination: {{host: bootcamp}}
-        timeout: {value}
-    """
-    table = load_rules([write(tmp_path, "vs.yaml", vs), REGISTRY]).table
+    table = _load(tmp_path, "vs.yaml", _vs_route(f"timeout: {value}")).table
     (route,) = table.routes_for(HOST)
     assert route.timeout == seconds
-    untimed = vs.replace(f"timeout: {value}", "")
-    other = load_rules([write(tmp_path, "vs.yaml", untimed), REGISTRY]).table
+    other = _load(tmp_path, "vs.yaml", _vs_route("")).table
     assert (table == other) == (seconds == 0)
     assert table.to_json()["routes"][HOST][0]["timeout"] == seconds
 
@@ -413,24 +447,13 @@ def test_route_rule_http_req_timeout_compiles(tmp_path: Path, value: str, second
     """httpReqTimeout.simpleTimeout.timeout is the route's timeout, read by
     the VirtualService's duration parser; without it the rule has none, and a
     reload that changes only it is a new table."""
-    rr = f"""\
-    apiVersion: config.istio.io/v1alpha2
-    kind: RouteRule
-    metadata: {{name: bootcamp-default}}
-    spec:
-      destination: {{name: bootcamp}}
-      route:
-      - labels: {{version: v1}}
-      httpReqTimeout:
-        simpleTimeout:
-          timeout: {value}
-    """
-    table = load_rules([write(tmp_path, "rr.yaml", rr), REGISTRY]).table
+    route_v1 = "route:\n- labels: {version: v1}"
+    timeout = f"httpReqTimeout:\n  simpleTimeout:\n    timeout: {value}"
+    table = _load(tmp_path, "rr.yaml", _route_rule(route_v1, timeout)).table
     (route,) = table.routes_for(HOST)
     assert route.timeout == seconds
     assert table.to_json()["routes"][HOST][0]["timeout"] == seconds
-    untimed = rr.split("  httpReqTimeout:")[0]
-    other = load_rules([write(tmp_path, "rr.yaml", untimed), REGISTRY]).table
+    other = _load(tmp_path, "rr.yaml", _route_rule(route_v1)).table
     (plain,) = other.routes_for(HOST)
     assert plain.timeout == 0.0
     assert table != other
@@ -492,29 +515,10 @@ def test_virtual_service_retries_compile(
 ) -> None:
     """http[].retries is the route's retry policy as Istio makes Envoy's; a
     reload that changes only it is a new table; validate -v's JSON has it."""
-    vs = f"""\
-    apiVersion: networking.istio.io/v1beta1
-    kind: VirtualService
-    metadata: {{name: bootcamp}}
-    spec:
-      hosts: [bootcamp]
-      http:
-      - route:
-        - destination: {{host: bootcamp}}
-        retries: {retries}
-    """
-    table = load_rules([write(tmp_path, "vs.yaml", vs), REGISTRY]).table
-    (route,) = table.routes_for(HOST)
-    assert route.retries == expected
-    plain = load_rules(
-        [write(tmp_path, "vs.yaml", vs.replace(f"retries: {retries}", "")), REGISTRY]
-    )
+    table = _load(tmp_path, "vs.yaml", _vs_route(f"retries: {retries}")).table
+    _assert_retries(table, expected)
+    plain = _load(tmp_path, "vs.yaml", _vs_route(""))
     assert (table == plain.table) == (expected is None)
-    got = table.to_json()["routes"][HOST][0]["retries"]
-    assert got == (expected.to_json() if expected else None)
-    svc = table.service(HOST)
-    assert svc is not None
-    assert table.decide(svc, 8080, Request(path="/")).retries == expected
 
 
 @pytest.mark.parametrize(
@@ -541,45 +545,21 @@ def test_route_rule_http_req_retries_compile(
     5xx,connect-failure,refused-stream; the same policy as a VirtualService
     retries field saying so; a reload that changes only it is a new table;
     validate -v's JSON has it."""
-    rr = f"""\
-    apiVersion: config.istio.io/v1alpha2
-    kind: RouteRule
-    metadata: {{name: bootcamp-default}}
-    spec:
-      destination: {{name: bootcamp}}
-      httpReqRetries:
-        simpleRetry: {simple}
-    """
-    result = load_rules([write(tmp_path, "rr.yaml", rr), REGISTRY])
+    result = _load(tmp_path, "rr.yaml", _route_rule(f"httpReqRetries:\n  simpleRetry: {simple}"))
     assert not result.notes, result.notes
     table = result.table
-    (route,) = table.routes_for(HOST)
-    assert route.retries == expected
-    plain = load_rules([write(tmp_path, "rr.yaml", rr.split("  httpReqRetries:")[0]), REGISTRY])
+    _assert_retries(table, expected)
+    plain = _load(tmp_path, "rr.yaml", _route_rule())
     (untried,) = plain.table.routes_for(HOST)
     assert untried.retries is None
     assert (table == plain.table) == (expected is None)
-    got = table.to_json()["routes"][HOST][0]["retries"]
-    assert got == (expected.to_json() if expected else None)
-    svc = table.service(HOST)
-    assert svc is not None
-    assert table.decide(svc, 8080, Request(path="/")).retries == expected
     if expected is not None:  # what the VirtualService would say for it
-        vs = f"""\
-        apiVersion: networking.istio.io/v1beta1
-        kind: VirtualService
-        metadata: {{name: bootcamp}}
-        spec:
-          hosts: [bootcamp]
-          http:
-          - route:
-            - destination: {{host: bootcamp}}
-            retries:
-              attempts: {expected.attempts}
-              perTryTimeout: {expected.per_try_timeout}s
-              retryOn: 5xx,connect-failure,refused-stream
-        """
-        other = load_rules([write(tmp_path, "vs.yaml", vs), REGISTRY]).table
+        retries = (
+            f"retries:\n  attempts: {expected.attempts}\n"
+            f"  perTryTimeout: {expected.per_try_timeout}s\n"
+            "  retryOn: 5xx,connect-failure,refused-stream"
+        )
+        other = _load(tmp_path, "vs.yaml", _vs_route(retries)).table
         (same,) = other.routes_for(HOST)
         assert same.retries == expected
 
@@ -590,19 +570,11 @@ def test_route_rule_per_try_timeout_past_its_timeout_warns(
 ) -> None:
     """A perTryTimeout longer than the rule's httpReqTimeout, which bounds
     every try together, is a warning on its line, as a VirtualService's."""
-    rr = f"""\
-    apiVersion: config.istio.io/v1alpha2
-    kind: RouteRule
-    metadata: {{name: bootcamp-default}}
-    spec:
-      destination: {{name: bootcamp}}
-      httpReqTimeout: {{simpleTimeout: {{timeout: 1s}}}}
-      httpReqRetries:
-        simpleRetry:
-          attempts: 2
-          perTryTimeout: {per_try}
-    """
-    result = load_rules([write(tmp_path, "rr.yaml", rr), REGISTRY])
+    rr = _route_rule(
+        "httpReqTimeout: {simpleTimeout: {timeout: 1s}}",
+        f"httpReqRetries:\n  simpleRetry:\n    attempts: 2\n    perTryTimeout: {per_try}",
+    )
+    result = _load(tmp_path, "rr.yaml", rr)
     (route,) = result.table.routes_for(HOST)
     assert route.retries is not None and route.timeout == 1.0
     said = [d for d in result.notes if "perTryTimeout" in d.message]
@@ -636,18 +608,7 @@ def test_retries_of_no_attempts_that_say_more_warn(
     """attempts 0 (or none) turns retries off (Istio's ConvertPolicy): a
     perTryTimeout, retryOn or retryRemoteLocalities beside it does nothing,
     which recent Istio's validation refuses; said in a warning here."""
-    vs = f"""\
-    apiVersion: networking.istio.io/v1beta1
-    kind: VirtualService
-    metadata: {{name: bootcamp}}
-    spec:
-      hosts: [bootcamp]
-      http:
-      - route:
-        - destination: {{host: bootcamp}}
-        retries: {retries}
-    """
-    result = load_rules([write(tmp_path, "vs.yaml", vs), REGISTRY])
+    result = _load(tmp_path, "vs.yaml", _vs_route(f"retries: {retries}"))
     (route,) = result.table.routes_for(HOST)
     assert route.retries is None
     warned = [d for d in result.notes if "retries" in d.message]
@@ -898,7 +859,7 @@ def test_a_destination_without_port_on_a_host_of_several_ports_warns(tmp_path: P
         "other.default.svc.cluster.local, which has none, and is answered 503 (set "
         "destination.port.number)"
     ]
-    t = load_rules([write(tmp_path, "rules.yaml", OTHER), REGISTRY]).table
+    t = _load(tmp_path, "rules.yaml", OTHER).table
     svc = t.service(HOST)
     assert svc is not None
     assert t.decide(svc, 8080, Request()).endpoints == []  # what the warning says
@@ -911,7 +872,7 @@ def test_a_destination_without_port_on_a_host_of_several_ports_warns(tmp_path: P
     # request goes to other:8080 (the route routes nothing: its own warning)
     as_tcp = OTHER.replace("  http:\n", "  tcp:\n")
     assert _port_warnings(tmp_path, as_tcp, REGISTRY) == []
-    notes = load_rules([write(tmp_path, "rules.yaml", as_tcp), REGISTRY]).notes
+    notes = _load(tmp_path, "rules.yaml", as_tcp).notes
     assert [n.line for n in notes if "this tcp route routes nothing" in n.message] == [17]
     # The routed host not known yet: the dialled port cannot be checked.
     (unknown,) = _port_warnings(tmp_path, OTHER)
