@@ -73,6 +73,49 @@ def _started(sidecar: Sidecar, slot: int) -> list[int]:
     return [int(pid) for pid in re.findall(rf"worker {slot} started \(pid (\d+)\)", sidecar.log())]
 
 
+def _listening(sidecar: Sidecar, workers: str) -> tuple[int, list[int]]:
+    """Once each of *workers* listens: worker 0's pid, and every worker's."""
+    sidecar.until(
+        lambda: sidecar.log().count(" worker: listening: ") == int(workers), "every worker"
+    )
+    [old] = _started(sidecar, 0)
+    return old, [old, *(_started(sidecar, 1) if workers == "2" else [])]
+
+
+def _exited(pid: int) -> str:
+    """The supervisor's word that worker 0's process *pid*, sent SIGTERM
+    alone, drained and exited 0."""
+    return f"worker 0 (pid {pid}) drained on its own SIGTERM and exited (status 0)"
+
+
+def _until_exited(sidecar: Sidecar, pid: int, what: str = "the old worker's exit") -> None:
+    sidecar.until(lambda: _exited(pid) in sidecar.log(), what)
+
+
+def _stop(sidecar: Sidecar) -> None:
+    """The supervisor's SIGTERM: the sidecar exits 0."""
+    sidecar.proc.send_signal(signal.SIGTERM)
+    assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+
+
+def _held_request(sidecar: Sidecar, backend: Backend) -> socket.socket:
+    """A connection whose GET /slow the backend holds (until its gate)."""
+    sock = sidecar.connect()
+    sock.sendall(GET % b"/slow")
+    assert backend.held.acquire(timeout=WAIT), sidecar.log()
+    return sock
+
+
+def _answer_held(backend: Backend, held: list[socket.socket]) -> int:
+    """The backend's gate opened: each of *held* gets its whole answer
+    (200, SLOW_BODY), then is closed; how many."""
+    backend.gate.set()
+    for sock in held:
+        with sock:
+            assert read_answer(sock)[:3:2] == (200, SLOW_BODY)
+    return len(held)
+
+
 def _holder(sidecar: Sidecar, client: socket.socket, pids: list[int]) -> int | None:
     """Which of *pids* holds the sidecar's end of *client*'s connection
     (/proc/net/tcp's row for it, its inode among a process's fds)."""
@@ -97,9 +140,7 @@ def _held_in(sidecar: Sidecar, backend: Backend, pid: int, pids: list[int]) -> l
     others: list[socket.socket] = []
     while len(mine) < SLOW:
         assert len(others) < 40, "the kernel never picked the worker's socket"
-        sock = sidecar.connect()
-        sock.sendall(GET % b"/slow")
-        assert backend.held.acquire(timeout=WAIT), sidecar.log()
+        sock = _held_request(sidecar, backend)
         (mine if _holder(sidecar, sock, pids) == pid else others).append(sock)
     return mine + others
 
@@ -161,11 +202,7 @@ def test_a_worker_sent_sigterm_alone_refuses_no_client(
     flags = ("--workers", workers, "--drain-duration", "20", "--drain-quiet", "5")
     flags += ("--http-routing", routing)
     with running(tmp_path, impl, *flags) as (sidecar, backend):
-        sidecar.until(
-            lambda: sidecar.log().count(" worker: listening: ") == int(workers), "every worker"
-        )
-        [old] = _started(sidecar, 0)
-        pids = [old, *(_started(sidecar, 1) if workers == "2" else [])]
+        old, pids = _listening(sidecar, workers)
         slow = _held_in(sidecar, backend, old, pids)
         prober = Prober(sidecar)
         prober.start()
@@ -182,18 +219,8 @@ def test_a_worker_sent_sigterm_alone_refuses_no_client(
             assert _stat(sidecar, "l4proxy_connections_total") >= tried + len(slow)
             # the old worker still holds its requests: it has not exited
             assert "drained on its own SIGTERM" not in sidecar.log(), sidecar.log()
-            backend.gate.set()
-            for sock in slow:
-                with sock:
-                    status, _, body = read_answer(sock)
-                    assert (status, body) == (200, SLOW_BODY)
-            sidecar.until(
-                lambda: (
-                    f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)"
-                    in sidecar.log()
-                ),
-                "the old worker's exit",
-            )
+            _answer_held(backend, slow)
+            _until_exited(sidecar, old)
             prober.more(20)
         finally:
             prober.halt.set()
@@ -208,8 +235,7 @@ def test_a_worker_sent_sigterm_alone_refuses_no_client(
         assert f"worker 0 (pid {old}) drains on a SIGTERM of its own" in log, log
         assert "died with" not in log and "stopped on its own" not in log, log
         assert "accept on" not in log, log
-        sidecar.proc.send_signal(signal.SIGTERM)
-        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+        _stop(sidecar)
 
 
 def _stat(sidecar: Sidecar, name: str) -> float:
@@ -236,22 +262,17 @@ def test_a_stop_while_a_worker_hands_over_drains_both(tmp_path: Path) -> None:
     whole answer, and the sidecar exits 0 (the old worker too: said)."""
     flags = ("--workers", "1", "--drain-duration", "20", "--drain-quiet", "0")
     with running(tmp_path, "compiled-uvloop", *flags) as (sidecar, backend):
-        held = sidecar.connect()
-        held.sendall(GET % b"/slow")
-        assert backend.held.acquire(timeout=WAIT), sidecar.log()
+        held = _held_request(sidecar, backend)
         [old] = _started(sidecar, 0)
         os.kill(old, signal.SIGTERM)
         sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
         sidecar.proc.send_signal(signal.SIGTERM)
         sidecar.until(lambda: "stopping: draining" in sidecar.log(), "the stop")
         time.sleep(0.2)  # (the stop under way: the held answer comes after it began)
-        backend.gate.set()
-        with held:
-            status, _, body = read_answer(held)
-            assert (status, body) == (200, SLOW_BODY)
+        _answer_held(backend, [held])
         assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
         log = sidecar.log()
-        assert f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)" in log
+        assert _exited(old) in log
         assert "died with" not in log and "killed" not in log, log
 
 
@@ -313,21 +334,14 @@ def test_the_old_worker_serves_until_its_successor_answers(tmp_path: Path) -> No
                 assert prober.errors == [], (prober.errors, sidecar.log())
                 assert "hands its listeners over to it" not in sidecar.log(), sidecar.log()
                 successor_may_start.set()
-                sidecar.until(
-                    lambda: (
-                        f"worker 0 (pid {old}) drained on its own SIGTERM and exited "
-                        "(status 0)" in sidecar.log()
-                    ),
-                    "the old worker's exit",
-                )
+                _until_exited(sidecar, old)
                 prober.more(10)
             finally:
                 prober.halt.set()
                 prober.join(timeout=WAIT)
             assert prober.errors == [] and prober.unready == [], (prober.errors, sidecar.log())
             assert "hands its listeners over to it" in sidecar.log()
-            sidecar.proc.send_signal(signal.SIGTERM)
-            assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+            _stop(sidecar)
 
 
 @pytest.mark.parametrize("when", ["at once", "before the hand-over"])
@@ -344,19 +358,14 @@ def test_a_sigterm_to_the_worker_and_the_supervisor_at_once_is_a_stop(
     too) and the sidecar exits 0, nothing killed or dead."""
     flags = ("--workers", "1", "--drain-duration", "20", "--drain-quiet", "0")
     with running(tmp_path, impl, *flags) as (sidecar, backend):
-        held = sidecar.connect()
-        held.sendall(GET % b"/slow")
-        assert backend.held.acquire(timeout=WAIT), sidecar.log()
+        held = _held_request(sidecar, backend)
         [old] = _started(sidecar, 0)
         os.kill(old, signal.SIGTERM)
         if when != "at once":
             sidecar.until(lambda: "drains on a SIGTERM of its own" in sidecar.log(), "its word")
         sidecar.proc.send_signal(signal.SIGTERM)
         sidecar.until(lambda: "stopping: draining" in sidecar.log(), "the stop")
-        backend.gate.set()
-        with held:
-            status, _, body = read_answer(held)
-            assert (status, body) == (200, SLOW_BODY)
+        _answer_held(backend, [held])
         assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
         log = sidecar.log()
         assert "died with" not in log and "killed" not in log, log
@@ -407,19 +416,12 @@ def test_no_word_of_the_successor_keeps_the_old_worker_serving(tmp_path: Path, i
             assert "drained on its own SIGTERM" not in log, log
             assert not _zombie_or_gone(old), log
             successor_may_start.set()
-            sidecar.until(
-                lambda: (
-                    f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)"
-                    in sidecar.log()
-                ),
-                "the old worker's exit",
-            )
+            _until_exited(sidecar, old)
             assert "hands its listeners over to it" in sidecar.log()
             with sidecar.connect() as client:
                 client.sendall(GET % b"/")
                 assert read_answer(client)[0] == 200
-            sidecar.proc.send_signal(signal.SIGTERM)
-            assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+            _stop(sidecar)
 
 
 KEEPS = "its answers keep their clients until it hands over"
@@ -465,15 +467,8 @@ def test_the_old_worker_keeps_its_clients_until_it_hands_over(
                 successor_may_start.set()
                 assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
                 return
-            sidecar.until(
-                lambda: (
-                    f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)"
-                    in sidecar.log()
-                ),
-                "the old worker's exit",
-            )
-            sidecar.proc.send_signal(signal.SIGTERM)
-            assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+            _until_exited(sidecar, old)
+            _stop(sidecar)
 
 
 def _children(pid: int) -> int:
@@ -507,13 +502,7 @@ def test_successors_sigtermed_as_they_start_back_off(tmp_path: Path, impl: str) 
                 counts.append(_children(sidecar.proc.pid))
                 os.kill(pid, signal.SIGTERM)
             for pid in _started(sidecar, 0)[:4]:
-                sidecar.until(
-                    lambda pid=pid: (
-                        f"worker 0 (pid {pid}) drained on its own SIGTERM and exited (status 0)"
-                        in sidecar.log()
-                    ),
-                    f"the exit of {pid}",
-                )
+                _until_exited(sidecar, pid, f"the exit of {pid}")
             prober.more(3)
         finally:
             prober.halt.set()
@@ -525,8 +514,7 @@ def test_successors_sigtermed_as_they_start_back_off(tmp_path: Path, impl: str) 
         assert (prober.errors, prober.unready) == ([], []), log
         assert set(prober.statuses) == {200}, log
         assert len(_started(sidecar, 0)) == 5, log
-        sidecar.proc.send_signal(signal.SIGTERM)
-        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+        _stop(sidecar)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -584,17 +572,10 @@ def test_a_reload_reaches_the_worker_that_serves_until_its_successor_answers(
                     assert read_answer(sock)[0] == 200
                 assert (other.arrived["/"], backend.arrived["/"]) == (1, 0)
                 successor_may_start.set()
-                sidecar.until(
-                    lambda: (
-                        f"worker 0 (pid {old}) drained on its own SIGTERM and exited "
-                        "(status 0)" in sidecar.log()
-                    ),
-                    "the old worker's exit",
-                )
+                _until_exited(sidecar, old)
             finally:
                 other.close()
-            sidecar.proc.send_signal(signal.SIGTERM)
-            assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+            _stop(sidecar)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -608,23 +589,18 @@ def test_stats_counts_what_the_old_worker_holds_open_while_it_drains(
     connection, counted in l4proxy_connections_total, was not open)."""
     flags = ("--workers", "1", "--drain-duration", "20", "--http-routing", "request")
     with running(tmp_path, impl, *flags) as (sidecar, backend):
-        held = sidecar.connect()
-        held.sendall(GET % b"/slow")
-        assert backend.held.acquire(timeout=WAIT), sidecar.log()
+        held = _held_request(sidecar, backend)
         assert _stat(sidecar, "l4proxy_active_connections") == 1
         [old] = _started(sidecar, 0)
         os.kill(old, signal.SIGTERM)
         sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
         assert _stat(sidecar, "l4proxy_active_connections") == 1  # (was 0)
-        backend.gate.set()
-        with held:
-            assert read_answer(held)[:3:2] == (200, SLOW_BODY)
+        _answer_held(backend, [held])
         sidecar.until(
             lambda: f"worker 0 (pid {old}) drained on its own SIGTERM" in sidecar.log(), "exit"
         )
         assert _stat(sidecar, "l4proxy_active_connections") == 0
-        sidecar.proc.send_signal(signal.SIGTERM)
-        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+        _stop(sidecar)
 
 
 def _counted(sidecar: Sidecar, answered: int) -> None:
@@ -655,11 +631,7 @@ def test_stats_keeps_what_the_old_worker_served_after_its_last_scrape(
     ``final``)."""
     flags = ("--workers", workers, "--drain-duration", "20", "--http-routing", "request")
     with running(tmp_path, impl, *flags) as (sidecar, backend):
-        sidecar.until(
-            lambda: sidecar.log().count(" worker: listening: ") == int(workers), "every worker"
-        )
-        [old] = _started(sidecar, 0)
-        pids = [old, *(_started(sidecar, 1) if workers == "2" else [])]
+        old, pids = _listening(sidecar, workers)
         answered = 0
 
         def quick(n: int) -> None:
@@ -677,23 +649,12 @@ def test_stats_keeps_what_the_old_worker_served_after_its_last_scrape(
         os.kill(old, signal.SIGTERM)
         sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
         quick(5)  # (its successor's, or worker 1's)
-        backend.gate.set()
-        for sock in slow:
-            with sock:
-                assert read_answer(sock)[:3:2] == (200, SLOW_BODY)
-                answered += 1
-        sidecar.until(
-            lambda: (
-                f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)"
-                in sidecar.log()
-            ),
-            "the old worker's exit",
-        )
+        answered += _answer_held(backend, slow)
+        _until_exited(sidecar, old)
         _counted(sidecar, answered)
         quick(3)  # (and counted once: not again at a later scrape)
         _counted(sidecar, answered)
-        sidecar.proc.send_signal(signal.SIGTERM)
-        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+        _stop(sidecar)
 
 
 @pytest.mark.parametrize("when", ["before the hand-over", "after it"])
@@ -715,9 +676,8 @@ def test_the_watchdog_kills_a_hung_worker_that_drains_on_its_own_sigterm(
         flags += ("--watchdog-timeout", "1", "--watchdog-start-timeout", "60")
         with running(tmp_path, "compiled-uvloop", *flags) as (sidecar, backend):
             [old] = _started(sidecar, 0)
-            held = sidecar.connect()  # (in flight in the old worker: it drains, not exits)
-            held.sendall(GET % b"/slow")
-            assert backend.held.acquire(timeout=WAIT), sidecar.log()
+            # (in flight in the old worker: it drains, not exits)
+            held = _held_request(sidecar, backend)
             os.kill(old, signal.SIGTERM)
             sidecar.until(lambda: len(_started(sidecar, 0)) == 2, "the successor's start")
             if when != "before the hand-over":
@@ -750,8 +710,7 @@ def test_the_watchdog_kills_a_hung_worker_that_drains_on_its_own_sigterm(
                 sock.sendall(GET % b"/")
                 assert read_answer(sock)[0] == 200
             assert len(_started(sidecar, 0)) == 2, sidecar.log()  # (the successor lives)
-            sidecar.proc.send_signal(signal.SIGTERM)
-            assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+            _stop(sidecar)
 
 
 # -- /stats across the word: the supervisor's bookkeeping, real channel ends --
@@ -1049,11 +1008,7 @@ def test_stats_scraped_throughout_a_worker_s_own_exit_counts_each_request_once(
     scrapes)."""
     flags = ("--workers", workers, "--drain-duration", "20", "--http-routing", "request")
     with running(tmp_path, impl, *flags) as (sidecar, backend):
-        sidecar.until(
-            lambda: sidecar.log().count(" worker: listening: ") == int(workers), "every worker"
-        )
-        [old] = _started(sidecar, 0)
-        pids = [old, *(_started(sidecar, 1) if workers == "2" else [])]
+        old, pids = _listening(sidecar, workers)
         sent = answered = 0
         seen: list[float] = []
         done = threading.Event()
@@ -1082,18 +1037,8 @@ def test_stats_scraped_throughout_a_worker_s_own_exit_counts_each_request_once(
             os.kill(old, signal.SIGTERM)
             sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
             quick(10)
-            backend.gate.set()
-            for sock in slow:
-                with sock:
-                    assert read_answer(sock)[:3:2] == (200, SLOW_BODY)
-                    answered += 1
-            sidecar.until(
-                lambda: (
-                    f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)"
-                    in sidecar.log()
-                ),
-                "the old worker's exit",
-            )
+            answered += _answer_held(backend, slow)
+            _until_exited(sidecar, old)
             quick(5)
             _counted(sidecar, answered)
         finally:
@@ -1102,8 +1047,7 @@ def test_stats_scraped_throughout_a_worker_s_own_exit_counts_each_request_once(
         assert len(seen) > 20, len(seen)
         assert max(seen) <= sent, (max(seen), sent, sidecar.log())
         assert all(b >= a for a, b in itertools.pairwise(seen)), seen
-        sidecar.proc.send_signal(signal.SIGTERM)
-        assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
+        _stop(sidecar)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -1118,22 +1062,18 @@ def test_a_stop_while_a_worker_drains_on_its_own_sigterm_waits_for_no_final(
     (FINAL_COUNTS_WAIT_S, Supervisor.FINAL_WAIT_S) (review8)."""
     flags = ("--workers", "1", "--drain-duration", "20", "--http-routing", "request")
     with running(tmp_path, impl, *flags) as (sidecar, backend):
-        sidecar.until(lambda: " worker: listening: " in sidecar.log(), "the worker")
-        [old] = _started(sidecar, 0)
-        slow = _held_in(sidecar, backend, old, [old])
+        old, pids = _listening(sidecar, "1")
+        slow = _held_in(sidecar, backend, old, pids)
         os.kill(old, signal.SIGTERM)
         sidecar.until(lambda: "hands its listeners over to it" in sidecar.log(), "hand-over")
         sidecar.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        backend.gate.set()
         t0 = time.monotonic()
-        for sock in slow:
-            with sock:
-                assert read_answer(sock)[:3:2] == (200, SLOW_BODY)
+        _answer_held(backend, slow)
         assert sidecar.proc.wait(timeout=WAIT) == 0, sidecar.log()
         took = time.monotonic() - t0
         log = sidecar.log()
         assert "were not written" not in log, log
         assert "killed" not in log, log
-        assert f"worker 0 (pid {old}) drained on its own SIGTERM and exited (status 0)" in log, log
+        assert _exited(old) in log, log
         assert took < 4.0, (took, log)
