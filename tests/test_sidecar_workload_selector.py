@@ -12,6 +12,8 @@ unchanged, whichever of its twins serves the table."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.mesh import VIP, Mesh, service_entry
@@ -77,3 +79,29 @@ def test_a_workload_selector_rule_applies_on_the_pods_it_selects(
     mesh.start_client(run_args=args)
     versions, _, failures = mesh.split(n=20)
     assert not failures and versions == {version: 20}, (versions, failures)
+
+
+def _reloaded(mesh: Mesh, before: float) -> None:
+    deadline = time.monotonic() + 15
+    while mesh.sidecar.stat("l4proxy_reloads_total") <= before:
+        assert time.monotonic() < deadline, mesh.sidecar_log(3000)
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("routing", ["connection", "request"])
+def test_a_reload_that_adds_or_removes_a_selecting_rule_changes_the_route(
+    mesh: Mesh, routing: str
+) -> None:
+    """The choice follows the files: a rule of a workloadSelector that
+    selects this pod, added by a reload, takes the host over on the
+    running sidecar, and removed, hands it back to the rule without one."""
+    mesh.write_rules(service_entry("bootcamp", VIP, 8080, mesh.endpoints()), VS, EVERYONE_V1)
+    mesh.start_client(run_args=["--http-routing", routing, "--pod-labels", "track=canary"])
+    versions, _, failures = mesh.split(n=10)
+    assert not failures and versions == {"v1": 10}, (versions, failures)
+    for docs, version in (((EVERYONE_V1, CANARY_CALLERS_V2), "v2"), ((EVERYONE_V1,), "v1")):
+        before = mesh.sidecar.stat("l4proxy_reloads_total")
+        mesh.write_rules(service_entry("bootcamp", VIP, 8080, mesh.endpoints()), VS, *docs)
+        _reloaded(mesh, before)
+        versions, _, failures = mesh.split(n=10)
+        assert not failures and versions == {version: 10}, (version, versions, failures)
