@@ -1,12 +1,15 @@
 """Kubernetes object names (RFC 1123), for every command that checks one.
 
-It imports nothing but ``re`` and ``argparse``: the supervisor checks
-``--namespace`` with it and loads none of the rule code.
+It imports nothing but ``re``, ``json`` and ``argparse``: the supervisor
+checks ``--namespace`` with it and loads none of the rule code. The pod's
+labels (``--pod-labels``, ``--pod-labels-file``) are read here too, so that
+``l4proxy run`` and ``l4proxy validate`` read them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 
 # a namespace, a Service: a DNS label
@@ -23,3 +26,57 @@ def namespace_arg(value: str) -> str:
             f"{value!r} is not a namespace name (a DNS label: lower-case letters, digits, '-')"
         )
     return value
+
+
+def pod_labels_arg(value: str) -> dict[str, str]:
+    """``--pod-labels`` of ``l4proxy run`` and ``l4proxy validate``: ``key=value,...``
+    (a key blank but for spaces is no key: an error naming the option)."""
+    out: dict[str, str] = {}
+    for item in filter(None, value.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise argparse.ArgumentTypeError(f"expected key=value[,key=value], got {value!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+# A labels file read at most: a pod's whole object is at most 1.5 MiB (etcd's
+# request limit), so its labels are less. Read whole, --pod-labels-file
+# /dev/zero (or a file that grows) took every process to its memory limit
+# (a MemoryError's traceback, or the OOM killer) before a line was parsed.
+MAX_LABELS_BYTES = 4 << 20
+
+
+def pod_labels_file_arg(path: str) -> dict[str, str]:
+    """The pod's labels as the Downward API writes them (a ``labels`` file
+    of a downwardAPI volume, ``fieldPath: metadata.labels``): one
+    ``key="value"`` per line, the value quoted as Go quotes strings
+    (``--pod-labels-file`` of ``l4proxy run`` and ``l4proxy validate``)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_LABELS_BYTES + 1)
+        if len(data) > MAX_LABELS_BYTES:
+            raise argparse.ArgumentTypeError(
+                f"cannot read {path}: more than {MAX_LABELS_BYTES >> 20} MiB, which no "
+                "pod's labels are (is it the Downward API's labels file?)"
+            )
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from exc
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, quoted = line.partition("=")
+        value = None
+        if sep and key and quoted.startswith('"'):
+            try:  # (label values are [A-Za-z0-9._-]: JSON reads Go's quoting of them)
+                value = json.loads(quoted)
+            except ValueError:
+                pass
+        if not isinstance(value, str):
+            raise argparse.ArgumentTypeError(
+                f'{path}:{lineno}: expected key="value" (a Downward API labels file), got {line!r}'
+            )
+        out[key] = value
+    return out

@@ -324,3 +324,36 @@ def test_validate_takes_the_pods_labels(tmp_path: Path) -> None:
     assert "applies on this pod (its workloadSelector selects it)" in outs[True]
     assert "subset pinned (version=v1; RANDOM)" in outs[False]
     assert "subset pinned (version=v2; LEAST_REQUEST)" in outs[True]
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize("bad", [" =x", "app", "=web", "app=web,track"])
+def test_validate_and_run_read_the_pod_labels_alike(
+    command: str, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One parser for both commands: ``run`` took ``--pod-labels ' =x'`` as a
+    label of an empty name where ``validate`` refused it (exit 2)."""
+    paths = ["rules/"] if command == "validate" else []
+    with pytest.raises(SystemExit) as exc:
+        build_parser(command).parse_args([command, "--pod-labels", bad, *paths])
+    assert exc.value.code == 2
+    assert "argument --pod-labels: expected key=value[,key=value]" in capsys.readouterr().err
+    args = build_parser(command).parse_args(
+        [command, "--pod-labels", " app = web ,,track=canary", *paths]
+    )
+    assert args.pod_labels == {"app": "web", "track": "canary"}
+
+
+def test_validate_takes_the_pods_labels_file(tmp_path: Path) -> None:
+    """``l4proxy validate --pod-labels-file``: the Downward API file the
+    sidecar reads, its --pod-labels over it, as ``l4proxy run`` merges them."""
+    f = write(tmp_path, "rules.yaml", "\n---\n".join((REGISTRY, EVERYONE, CANARY)))
+    labels = write(tmp_path, "labels", 'app="web"\ntrack="canary"\n')
+    seen = {}
+    for extra in ([], ["--pod-labels", "track=stable"]):
+        args = build_parser().parse_args(["validate", "-v", "--pod-labels-file", labels, *extra, f])
+        out, err = io.StringIO(), io.StringIO()
+        assert args.func(args, out, err) == 0, err.getvalue()
+        seen[bool(extra)] = out.getvalue() + err.getvalue()
+    assert "subset pinned (version=v2; LEAST_REQUEST)" in seen[False]
+    assert "subset pinned (version=v1; RANDOM)" in seen[True]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from l4proxy.dataplane.verdict import _RETRY_CONNECT, FAULT_SCALE
-from l4proxy.k8s_names import namespace_arg
+from l4proxy.k8s_names import namespace_arg, pod_labels_arg, pod_labels_file_arg
 from l4proxy.rules import (
     DEFAULT_MAX_BYTES,
     RULE_KINDS,
@@ -81,15 +81,14 @@ def _positive_bytes(value: str) -> int:
     return int(value)
 
 
-def _pod_labels(value: str) -> dict[str, str]:
-    """--pod-labels, as the sidecar reads its own: ``key=value,...``."""
-    out: dict[str, str] = {}
-    for item in filter(None, value.split(",")):
-        k, sep, v = item.partition("=")
-        if not sep or not k.strip():
-            raise argparse.ArgumentTypeError(f"expected key=value[,key=value], got {value!r}")
-        out[k.strip()] = v.strip()
-    return out
+def _pod_labels(args: argparse.Namespace) -> dict[str, str] | None:
+    """The pod's labels as ``l4proxy run`` merges its options (--pod-labels
+    over --pod-labels-file's); None where neither is given (not known)."""
+    given = getattr(args, "pod_labels", None)
+    from_file = getattr(args, "pod_labels_file", None)
+    if given is None and from_file is None:
+        return None
+    return {**(from_file or {}), **(given or {})}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -127,12 +126,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pod-labels",
-        type=_pod_labels,
+        type=pod_labels_arg,
         default=None,
         metavar="K=V,...",
-        help="the labels of the pod whose sidecar loads the files (its --pod-labels): the "
-        "DestinationRules whose workloadSelector selects it apply in place of the others, "
-        "as on that sidecar; without it none of them does, with a note each",
+        help="the labels of the pod whose sidecar loads the files (its --pod-labels, read "
+        "alike; they win over --pod-labels-file's): the DestinationRules whose "
+        "workloadSelector selects it apply in place of the others, as on that sidecar; "
+        "without either option none of them does, with a note each",
+    )
+    p.add_argument(
+        "--pod-labels-file",
+        type=pod_labels_file_arg,
+        default=None,
+        metavar="PATH",
+        help="the pod's labels from a Downward API labels file, as l4proxy run "
+        "--pod-labels-file reads it",
     )
     p.add_argument(
         "--max-bytes",
@@ -154,7 +162,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             namespace=args.namespace,
             domain=args.domain,
             max_bytes=args.max_bytes,
-            pod_labels=getattr(args, "pod_labels", None),
+            pod_labels=_pod_labels(args),
         )
     except ConfigUnreadable as exc:
         _print_diagnostics(exc.diagnostics, err, verbose=args.verbose)

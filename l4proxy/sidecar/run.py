@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import grp
-import json
 import logging
 import math
 import os
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from l4proxy import __version__
 from l4proxy.cli import count, number, positive_seconds, seconds_or_zero
 from l4proxy.dataplane.listener import Listener, bind_listener, check_port_free
-from l4proxy.k8s_names import namespace_arg
+from l4proxy.k8s_names import namespace_arg, pod_labels_arg, pod_labels_file_arg
 from l4proxy.sidecar.access_log_file import open_access_log, reopen_access_log
 from l4proxy.sidecar.admin import AdminServer, WorkerView, command_line_options
 from l4proxy.sidecar.channel import serve_supervisor
@@ -139,57 +138,6 @@ def _port(value: str) -> int:
 
 MIN_RELOAD_INTERVAL = 0.01
 MAX_WORKERS = 256
-
-
-def _labels(value: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in filter(None, value.split(",")):
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise argparse.ArgumentTypeError(f"expected key=value[,key=value], got {value!r}")
-        out[k.strip()] = v.strip()
-    return out
-
-
-# A labels file read at most: a pod's whole object is at most 1.5 MiB (etcd's
-# request limit), so its labels are less. Read whole, --pod-labels-file
-# /dev/zero (or a file that grows) took every process to its memory limit
-# (a MemoryError's traceback, or the OOM killer) before a line was parsed.
-MAX_LABELS_BYTES = 4 << 20
-
-
-def _labels_file(path: str) -> dict[str, str]:
-    """The pod's labels as the Downward API writes them (a ``labels`` file
-    of a downwardAPI volume, ``fieldPath: metadata.labels``): one
-    ``key="value"`` per line, the value quoted as Go quotes strings."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_LABELS_BYTES + 1)
-        if len(data) > MAX_LABELS_BYTES:
-            raise argparse.ArgumentTypeError(
-                f"cannot read {path}: more than {MAX_LABELS_BYTES >> 20} MiB, which no "
-                "pod's labels are (is it the Downward API's labels file?)"
-            )
-        text = data.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from exc
-    out: dict[str, str] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        key, sep, quoted = line.partition("=")
-        value = None
-        if sep and key and quoted.startswith('"'):
-            try:  # (label values are [A-Za-z0-9._-]: JSON reads Go's quoting of them)
-                value = json.loads(quoted)
-            except ValueError:
-                pass
-        if not isinstance(value, str):
-            raise argparse.ArgumentTypeError(
-                f'{path}:{lineno}: expected key="value" (a Downward API labels file), got {line!r}'
-            )
-        out[key] = value
-    return out
 
 
 def _requests_per_connection(value: str) -> int:
@@ -448,7 +396,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--pod-labels",
-        type=_labels,
+        type=pod_labels_arg,
         default={},
         metavar="K=V,...",
         help="this pod's labels, for RouteRule match.source / sourceLabels and the "
@@ -457,7 +405,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--pod-labels-file",
-        type=_labels_file,
+        type=pod_labels_file_arg,
         default={},
         metavar="PATH",
         help="this pod's labels from a Downward API file (a downwardAPI volume's item with "
