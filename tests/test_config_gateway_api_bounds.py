@@ -418,3 +418,33 @@ def test_a_rule_name_given_twice_in_a_route_is_an_error(tmp_path: Path) -> None:
         "(the API's rule)"
     ), str(err)
     assert (err.file, err.line) == (str(f), line_of(text, "- name: same", 1))
+
+
+def test_a_reference_that_writes_the_routes_own_namespace_is_another_parent_to_the_api(
+    tmp_path: Path,
+) -> None:
+    """The CEL rules compare the namespace as written, so an API server
+    admits ``{name: gw}`` beside ``{name: gw, namespace: default}`` (the
+    route's): the file loads (it was refused), the later reference a
+    warning and dropped, the route attached once, each match once."""
+    refs = "{name: gw}, {name: gw, namespace: default}"
+    text = GATEWAY + HEAD + f"  parentRefs: [{refs}]\n  rules:\n" + rule()
+    f = tmp_path / "r.yaml"
+    f.write_text(text)
+    result = load_rules([str(f), PER_VERSION])
+    [warn] = [d for d in result.notes if d.severity == "warning"]
+    assert (warn.file, warn.line) == (str(f), line_of(text, f"parentRefs: [{refs}]"))
+    assert "spec.parentRefs[1] is ignored: it names Gateway default/gw as spec.parentRefs[0]" in (
+        warn.message
+    )
+    gateways = {
+        k: v for k, v in result.table.to_json()["routes"].items() if k.startswith("gateway")
+    }
+    assert len(gateways) == 2, gateways  # (listeners a and b, once each)
+    for [r] in gateways.values():
+        assert len(r["match"]) == 1, r
+    # (one with a sectionName, one without: two parents to the API, both attach)
+    refs = "{name: gw}, {name: gw, namespace: default, sectionName: a}"
+    f.write_text(GATEWAY + HEAD + f"  parentRefs: [{refs}]\n  rules:\n" + rule())
+    result = load_rules([str(f), PER_VERSION])
+    assert not [d for d in result.notes if d.severity == "warning"]

@@ -445,7 +445,9 @@ def read_http_route(ctx: Ctx, obj: dict[str, Any], env: Env) -> HttpRouteDraft |
             ok = False
         else:
             parents.append(got)
-    ok = _distinct_parents(ctx, parents) and ok
+    distinct = _distinct_parents(ctx, parents)
+    ok = distinct is not None and ok
+    parents = distinct or []
     hostnames: list[str] = []
     names = _bounded(ctx, spec.get("hostnames"), ("spec", "hostnames"), MAX_HOSTNAMES, "hostnames")
     ok = ok and names is not None
@@ -510,18 +512,29 @@ def _route_matches(ctx: Ctx, rules: list[Any]) -> bool:
     return False
 
 
-def _distinct_parents(ctx: Ctx, parents: list[ParentDraft]) -> bool:
-    """Whether parentRefs naming the same parent tell themselves apart (the
-    CRD's CEL rules, as its experimental channel has them with ``port``):
-    each gives a sectionName, or none does, and likewise a port, and no
-    two give the same ones. An error at the later ref if not (before, the
-    route attached twice, each match doubled)."""
+def _distinct_parents(ctx: Ctx, parents: list[ParentDraft]) -> list[ParentDraft] | None:
+    """*parents* less those that repeat one (a warning each), None after an
+    error: parentRefs naming the same parent must tell themselves apart
+    (the CRD's CEL rules, as its experimental channel has them with
+    ``port``): each gives a sectionName, or none does, and likewise a port,
+    and no two give the same ones. An error at the later ref if not
+    (before, the route attached twice, each match doubled).
+
+    The CEL rules compare the namespace as written: ``{name: gw}`` and
+    ``{name: gw, namespace: <the route's>}`` are two parents to them, so an
+    API server admits the pair, and so does l4proxy. The same parent all
+    the same: where the two give the same sectionName and port, the later
+    is a warning and dropped (it would attach the route twice); where they
+    differ, both attach, as the API has them."""
     ok = True
-    seen: dict[tuple[str, str, str], list[ParentDraft]] = defaultdict(list)
+    kept: list[ParentDraft] = []
+    seen: dict[tuple[str, str | None, str], list[ParentDraft]] = defaultdict(list)
+    resolved: dict[tuple[str, str, str, str | None, int | None], ParentDraft] = {}
     for p in parents:
-        key = (p.kind, p.namespace, p.name)
+        key = (p.kind, p.written_namespace, p.name)
+        what = f"{p.kind} {p.namespace}/{p.name}"
+        clash = False
         for o in seen[key]:
-            what = f"{p.kind} {p.namespace}/{p.name}"
             if (o.section is None) != (p.section is None) or (o.port is None) != (p.port is None):
                 why = (
                     "give each a sectionName (or each a port), or none: a reference without one "
@@ -537,9 +550,21 @@ def _distinct_parents(ctx: Ctx, parents: list[ParentDraft]) -> bool:
                 "(the API's rule for 2 or more references to the same parent)",
             )
             ok = False
+            clash = True
             break
         seen[key].append(p)
-    return ok
+        if clash:
+            continue
+        same = resolved.setdefault((p.kind, p.namespace, p.name, p.section, p.port), p)
+        if same is not p:
+            p.where.warning(
+                f"{dotted(p.where.path)} is ignored: it names {what} as {dotted(same.where.path)} "
+                "does (one with the namespace written, one without), which would attach the "
+                "route twice"
+            )
+            continue
+        kept.append(p)
+    return kept if ok else None
 
 
 def _rule_name(route: str, item: Any, index: int, count: int) -> str:
@@ -598,7 +623,8 @@ def _parent(ctx: Ctx, value: Any, path: Path) -> ParentDraft | None:
         return None
     if name is None:
         return None
-    return ParentDraft(resolved, name, ns, port, section, Where(ctx, path))
+    written = ns if p.get("namespace") is not None else None
+    return ParentDraft(resolved, name, ns, port, section, Where(ctx, path), written)
 
 
 def _rule(ctx: Ctx, value: Any, path: Path, name: str, env: Env) -> HttpRuleDraft | None:

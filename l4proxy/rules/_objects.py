@@ -458,6 +458,9 @@ class ParentDraft:
     port: int | None
     section: str | None
     where: Where
+    # the namespace as the reference writes it (None: not given, the
+    # route's): the API's CEL rules on parentRefs compare it so
+    written_namespace: str | None = None
 
 
 @dataclass
