@@ -357,3 +357,35 @@ def test_validate_takes_the_pods_labels_file(tmp_path: Path) -> None:
         seen[bool(extra)] = out.getvalue() + err.getvalue()
     assert "subset pinned (version=v2; LEAST_REQUEST)" in seen[False]
     assert "subset pinned (version=v1; RANDOM)" in seen[True]
+
+
+@pytest.mark.parametrize(
+    "pod_labels", [None, {}, {"track": "canary"}], ids=["unknown", "not-selected", "selected"]
+)
+@pytest.mark.parametrize("missing", ["canary", "everyone"])
+def test_a_subset_a_route_names_must_be_in_each_rule_that_applies_on_a_pod(
+    tmp_path: Path, pod_labels: dict[str, str] | None, missing: str
+) -> None:
+    """The route's subset ``pinned`` in the rule without a selector, not in
+    the selector's (or the other way round): before, the files loaded on the
+    pods of one rule and were refused on the others', and ``validate``
+    without ``--pod-labels`` passed what a canary pod's sidecar refused.
+    Now an error on every pod, at the route, naming the rule without it."""
+    everyone, canary = EVERYONE, CANARY
+    if missing == "canary":
+        canary = canary.replace("name: pinned", "name: other")
+    else:
+        everyone = everyone.replace("name: pinned", "name: other")
+    [err] = errors(tmp_path, everyone, canary, pod_labels=pod_labels)
+    assert err.startswith(f"{line(tmp_path, 'subset: pinned')}: subset pinned is not defined by ")
+    rule = {"canary": "web-canary", "everyone": "web-all"}[missing]
+    assert f"DestinationRule {rule}" in err and "(it defines: other)" in err, err
+
+
+def test_a_subset_in_each_rule_that_applies_on_a_pod_loads_on_every_pod(tmp_path: Path) -> None:
+    """(a rule of another namespace applies on no pod of this one: not asked)"""
+    other = CANARY.replace("metadata: {name: web-canary}", "metadata: {name: c, namespace: x}")
+    other = other.replace("host: web\n", f"host: {HOST}\n").replace("name: pinned", "name: o")
+    for pod_labels in (None, {}, {"track": "canary"}):
+        table, _ = load(tmp_path, EVERYONE, CANARY, other, pod_labels=pod_labels)
+        assert table.routes_for(HOST)

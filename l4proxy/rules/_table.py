@@ -94,6 +94,11 @@ class Drafts:
     k8s_services: set[str] = field(default_factory=set)
     # each service's endpoints by label, made when first asked (selectable())
     _selectable: dict[str, Selectable] = field(default_factory=dict)
+    # each host's DestinationRules that apply on other pods of this
+    # namespace than this one (_policies): the rule without a
+    # workloadSelector, those of a selector; a subset a route names must be
+    # in each, so that one set of files loads or fails alike on every pod
+    elsewhere: dict[str, list[PolicyDraft]] = field(default_factory=dict)
 
     def selectable(self, svc: Service) -> Selectable:
         got = self._selectable.get(svc.host)
@@ -370,7 +375,13 @@ def _policies(d: Drafts, services: dict[str, Service], env: Env) -> dict[str, Po
             policies[p.host] = p
         _check_policy(p, d, services)
     for host, rules in selected.items():
-        policies[host] = _selected(rules, policies.get(host))
+        catch_all = policies.get(host)
+        policies[host] = _selected(rules, catch_all)
+        if catch_all is not None:  # (applies on the pods the selectors do not select)
+            d.elsewhere.setdefault(host, []).append(catch_all)
+    for (host, namespace, _), p in alike.items():
+        if namespace == env.namespace and policies.get(host) is not p:
+            d.elsewhere.setdefault(host, []).append(p)  # (applies on the pods it selects)
     return policies
 
 
@@ -621,6 +632,8 @@ def _destination(
                 f"host {dd.host} (it defines: {defined})"
             )
             return None
+        if not _subset_everywhere(dd, d, policy):
+            return None
         subset = policy_subset(policy, sd, sd.name, sd.labels)
     elif dd.labels:
         same = None
@@ -655,6 +668,33 @@ def _destination(
         dd.where.error(f"port {dd.port} is not a port of {dd.host} (ports: {ports})")
         return None
     return Destination(dd.host, subset, dd.weight, dd.port, dd.headers)
+
+
+def _subset_everywhere(dd: DestinationDraft, d: Drafts, policy: PolicyDraft) -> bool:
+    """Whether the subset *dd* names is defined by each DestinationRule of
+    its host that applies on another pod of this namespace (``d.elsewhere``:
+    the rule without a workloadSelector, those of one), as it is by
+    *policy*, the one that applies here; an error at *dd* if not. In Istio
+    such a pod's route finds no cluster (503s); here the files that one pod
+    loads would be refused on another, and ``validate`` without
+    ``--pod-labels`` would pass what a selected pod's sidecar refuses."""
+    for other in d.elsewhere.get(dd.host, []):
+        if dd.subset in other.subsets:
+            continue
+        assert other.where is not None
+        defined = ", ".join(other.subsets) or "none"
+        if other.selector is None:
+            pods = f"on the pods that the workloadSelector of {policy.name} does not select"
+        else:
+            pods = f"on the pods its workloadSelector ({other.selector or 'no labels'}) selects"
+        dd.where.error(
+            f"subset {dd.subset} is not defined by DestinationRule {other.name} "
+            f"({other.where.location}) for host {dd.host} (it defines: {defined}), which "
+            f"applies {pods}, in place of {policy.name}: define the subset in each (in "
+            "Istio those pods' requests find no cluster)"
+        )
+        return False
+    return True
 
 
 def _check_tcp_ports(rd: RouteDraft, host: str, svc: Service, routes: list[RouteDraft]) -> None:
