@@ -1048,6 +1048,31 @@ spec:
         8,
     ),
     (
+        "label value true, not a string",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  route:
+  - labels: {canary: true}
+""",
+        # (the hint as YAML spells it: it said "True", Python's)
+        "label canary in spec.route[0].labels must be a string, not the boolean true "
+        '(quote it: canary: "true")',
+        8,
+    ),
+    (
+        "label value null, not a string",
+        RR
+        + """\
+  destination: {name: bootcamp}
+  route:
+  - labels: {canary: null}
+""",
+        # (it said "None")
+        'label canary in spec.route[0].labels must be a string, not null (quote it: canary: "")',
+        8,
+    ),
+    (
         "unknown load balancer",
         """\
 apiVersion: networking.istio.io/v1alpha3

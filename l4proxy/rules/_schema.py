@@ -378,10 +378,12 @@ def labels(ctx: Ctx, value: Any, path: Path) -> Labels | None:
             ctx.error(sub, f"label name {k!r} in {dotted(path)} is not a valid label name")
             ok = False
         elif not isinstance(v, str):
+            # (the value as YAML wrote it: null an empty value, true "true")
+            written = "" if v is None else str(v).lower() if isinstance(v, bool) else v
             ctx.error(
                 sub,
                 f"label {k} in {dotted(path)} must be a string, not {type_name(v)} "
-                f'(quote it: {k}: "{v}")',
+                f'(quote it: {k}: "{written}")',
             )
             ok = False
         elif not _LABEL_VALUE.fullmatch(v):
