@@ -861,9 +861,10 @@ def test_admin_endpoints_and_quitquitquit(mesh: Mesh) -> None:
         with open(f"/proc/{pid}/maps") as f:
             maps = f.read()
         assert "libssl" not in maps and "libcrypto" not in maps, pid
-    for pid in mesh.sidecar.worker_pids():  # one malloc arena (sidecar/lean.py)
+    for pid in mesh.sidecar.worker_pids():  # one malloc arena, no pymalloc (sidecar/lean.py)
         with open(f"/proc/{pid}/environ", "rb") as f:
-            assert b"MALLOC_ARENA_MAX=1" in f.read().split(b"\0")
+            environ = f.read().split(b"\0")
+        assert b"MALLOC_ARENA_MAX=1" in environ and b"PYTHONMALLOC=malloc" in environ
     assert mesh.sidecar.admin("/quitquitquit", method="POST").strip() == "OK"
     assert mesh.sidecar.proc.wait(15) == 0
 
