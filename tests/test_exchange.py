@@ -1007,14 +1007,33 @@ def test_route_timeout_while_connecting_blames_no_endpoint() -> None:
     actions = ex.upstream_timeout()
     assert Done(504, True, UT) in actions and isinstance(actions[-1], Close)
 
-    # a request whose body is not read yet (the relays start the timer only
-    # once it is: this is the exchange's own guard): closed, never the body
-    # read as the next request
+    # a request whose body came whole with its head (timed from its
+    # routing, request_complete): the body read and dropped, counted as
+    # received, the connection kept; what looks like a request inside it is
+    # never routed, and the request after it is
     ex = Exchange()
     smuggled = b"GET /smuggled HTTP/1.1\r\nHost: svc\r\n\r\n"
-    ex.client_data(
-        b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
+    post = b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(smuggled),
+        smuggled,
     )
+    ex.client_data(post + b"GET /next HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert ex.request_complete
+    actions = ex.upstream_timeout()
+    assert Done(504, True, UT, received=len(smuggled)) in actions, actions
+    assert not any(isinstance(a, Close) for a in actions), actions
+    routes = [a for a in actions if isinstance(a, Route)]
+    assert [r.head.path for r in routes] == ["/next"], actions
+
+    # a request whose body is not all here (the relays start the timer only
+    # once it is read: this is the exchange's own guard): closed, never the
+    # body read as the next request
+    ex = Exchange()
+    ex.client_data(
+        b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(smuggled) + 1, smuggled)
+    )
+    assert not ex.request_complete
     actions = ex.upstream_timeout()
     assert Done(504, True, UT) in actions and isinstance(actions[-1], Close), actions
     assert not any(isinstance(a, Route) for a in actions)
