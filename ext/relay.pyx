@@ -6559,8 +6559,10 @@ cdef void local_answer(Relay *R, Conn *c, Verdict_ *v, double now, bint edited,
                        bint whole) noexcept nogil:
     """refuse() in _exchange_py.py: the connection stays when the head asks
     for it and the request has no body, or (*whole*: the route's own
-    answer, or the router's for a choice with no endpoint, before any try)
-    its whole body came with its head: dropped (body_take(), counted as
+    answer, or the router's for a choice with no endpoint, before any try;
+    the 503 of a first try's every connect failed, connect_failed_next():
+    a circuit breaker's and out of fds' refuse it at once, as Envoy's pool
+    does before its router read the body) its whole body came with its head: dropped (body_take(), counted as
     read: BYTES_RECEIVED), as a fault's abort drops it; else the answer
     says ``connection: close``. A kept HTTP/1.0 client gets the variant
     that says ``connection: keep-alive`` (v.keep10). *edited*: the relay's
@@ -7060,8 +7062,10 @@ cdef void connect_failed_next(Relay *R, Conn *c, double now) noexcept nogil:
         upstream_failed(R, c, 503, _LOCAL_503_CONNECT, _LOCAL_503_CONNECT_LEN,
                         _LOCAL_503_CONNECT_KEEP, _LOCAL_503_CONNECT_KEEP_LEN,
                         _LOCAL_503_CONNECT_KEEP10, _LOCAL_503_CONNECT_KEEP10_LEN, now, OD_BEFORE)
-    else:
-        local_answer(R, c, R_no_upstream, now, True, False)
+    else:  # (no try took it: a body all here is dropped, as the route
+        # timeout's 504 while connecting drops it, route_timeout(); Envoy's
+        # connect failure comes after its router buffered the body)
+        local_answer(R, c, R_no_upstream, now, True, True)
 
 
 cdef void retry_order(Conn *c, EP *failed) noexcept nogil:

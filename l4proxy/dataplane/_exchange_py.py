@@ -1447,16 +1447,17 @@ class Exchange:
         except with *whole* when all of it is here already: then it is
         read (the access log's BYTES_RECEIVED), dropped, and the connection
         stays as the head asks (an answer before any try: a fault's abort,
-        see ``Fault``, a route's own answer, a choice's with no endpoint;
-        Envoy keeps the connection of a local reply to a request it read
-        whole). *close*: the connection closes after the answer
-        whatever the head asked (a head refused as the parser would, see
-        edits_refused()). *edited*: the relay's own answer to a request
-        whose choice was drawn (no endpoint, none answered, a circuit
-        breaker, out of fds), which gets :attr:`edits`' response edits. A HEAD request gets
-        the answer's head alone; an HTTP/1.0 client whose connection stays
-        is told ``connection: keep-alive`` (local_response()'s *http10*).
-        *flags*: why, for the access log (``accesslog``'s bits: UH, UF, UO,
+        see ``Fault``, a route's own answer, a choice's with no endpoint,
+        the 503 of a first try whose every connect failed; Envoy keeps the
+        connection of a local reply to a request it read whole). *close*:
+        the connection closes after the answer whatever the head asked (a
+        head refused as the parser would, see edits_refused()). *edited*:
+        the relay's own answer to a request whose choice was drawn (no
+        endpoint, none answered, a circuit breaker, out of fds), which gets
+        :attr:`edits`' response edits. A HEAD request gets the answer's head
+        alone; an HTTP/1.0 client whose connection stays is told
+        ``connection: keep-alive`` (local_response()'s *http10*). *flags*:
+        why, for the access log (``accesslog``'s bits: UH, UF, UO,
         FI...)."""
         if self.phase != Phase.ROUTING:
             raise RuntimeError(f"refuse() in phase {self.phase.name}")

@@ -2428,7 +2428,14 @@ class HttpRelay:
             c.try_deadline = 0.0
             self._try(c, c.candidates[0], now, pooled=False)
         elif c.ex.phase == Phase.ROUTING:
-            refused = c.ex.refuse(503, "no healthy upstream", edited=True, flags=accesslog.UF)
+            # (no try took it: a body all here is read and dropped, the
+            # connection kept as its head asks, as the route timeout's 504
+            # while connecting keeps it; Envoy's connect failure comes after
+            # its router buffered the body: a local reply to a request read
+            # whole. The compiled twin's connect_failed_next())
+            refused = c.ex.refuse(
+                503, "no healthy upstream", whole=True, edited=True, flags=accesslog.UF
+            )
             self._perform(c, refused, now)
         else:  # a retry's last connect failed (or the policy's tries are spent): lost
             self._perform(c, c.ex.upstream_eof(connect_failed=True), now)
