@@ -1533,3 +1533,65 @@ def test_an_expansion_that_fails_is_logged_and_the_table_live_keeps_serving(
         for r in caplog.records
         if r.exc_text
     ), [r.getMessage() for r in caplog.records]
+
+
+def test_ready_waits_for_the_table_expanded_with_the_first_answers(
+    fake_dns: FakeDns, tmp_path: Path, gated: GatedExpansion
+) -> None:
+    """/ready's INITIALIZING lasts until every DNS name had its first lookup
+    *and* the table live has those answers. The expansion runs in a thread
+    now, after the answers are recorded: /ready said LIVE while the table
+    live still had the names (the per-request relay's 503s for their
+    services), for as long as the expansion took. Here it is held in its
+    thread: INITIALIZING meanwhile, LIVE once it is live, and LIVE stays
+    while a later change is expanded (no flapping)."""
+    from l4proxy.dataplane.listener import bind_listener
+    from l4proxy.sidecar.admin import INITIALIZING, LIVE, WorkerView
+    from l4proxy.sidecar.worker import Worker, WorkerOptions
+
+    fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.1"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_one_service("a.test."))
+
+    async def main() -> list[tuple[str, list[str]]]:
+        w = RuleWatcher(
+            [str(rules)], interval=3600, resolver=_resolver(fake_dns, tmp_path, timeout=2.0)
+        )
+        assert w.load_now()
+        lst = bind_listener("127.0.0.1", 0, "gateway")
+        worker = Worker([lst], w, WorkerOptions())
+        view = WorkerView(worker, "test")
+        seen: list[tuple[str, list[str]]] = []
+
+        async def look() -> None:
+            seen.append(
+                (await view.state(), [e.address for e in w.state.table.services()[0].endpoints])
+            )
+
+        try:
+            await look()
+            for step in range(2):
+                gated.hold = release = threading.Event()
+                gated.entered.clear()
+                if step:
+                    fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.2"]
+                    w.dns.names["a.test."].next_at = 0.0
+                refresh = asyncio.ensure_future(w.refresh_dns())
+                await _until(gated.entered.is_set, "expanding")
+                assert all(st.lookups for st in w.dns.names.values())
+                await look()  # answered, the table not expanded yet
+                release.set()
+                assert await refresh
+                await look()
+            return seen
+        finally:
+            worker.close()
+            lst.sock.close()
+
+    assert asyncio.run(main()) == [
+        (INITIALIZING, ["a.test."]),
+        (INITIALIZING, ["a.test."]),  # was LIVE: answered, not live yet
+        (LIVE, ["127.0.0.1"]),
+        (LIVE, ["127.0.0.1"]),  # sticky: a later change expanded meanwhile
+        (LIVE, ["127.0.0.2"]),
+    ]

@@ -730,11 +730,14 @@ class DnsEndpoints:
         clusters' first resolution, and must neither flap nor, with many
         names a silent server never answers, outlast a startup probe)."""
         if not self._warmed and (
-            all(st.lookups for st in self.names.values())
-            or time.monotonic() - self._tracked_at >= WARM_WAIT
+            all(st.lookups for st in self.names.values()) or self.warm_wait_over()
         ):
             self._warmed = True
         return self._warmed
+
+    def warm_wait_over(self) -> bool:
+        """Whether WARM_WAIT seconds have passed since the first table named a name."""
+        return time.monotonic() - self._tracked_at >= WARM_WAIT
 
     def next_due(self) -> float | None:
         return min((st.next_at for st in self.names.values()), default=None)

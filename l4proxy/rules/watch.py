@@ -569,6 +569,7 @@ class RuleWatcher:
         self._live_answers = 0
         self._expander: asyncio.Task[None] | None = None  # see _expand_dns
         self.expanding = False  # a DNS change is being expanded into the table, in a thread
+        self._warmed = False  # see warmed()
 
     def load_now(self) -> bool:
         """Load synchronously; swap on success. Returns True if swapped.
@@ -1232,6 +1233,18 @@ class RuleWatcher:
                 await asyncio.wait({task}, timeout=0.5)
             if task is not None and not task.cancelled() and task.exception() is not None:
                 log.error("the rules watch had ended", exc_info=task.exception())
+
+    def warmed(self) -> bool:
+        """Whether the sidecar may say it is ready as far as DNS goes: every
+        name looked up once (:meth:`DnsEndpoints.warmed`) *and* the table
+        live expanded with those answers, which is made in a thread after
+        they come (:meth:`_expand_dns`): until it goes live the table still
+        has the names, whose services the per-request relay answers 503.
+        Sticky as DnsEndpoints.warmed is; where no expansion goes live (a
+        bug: logged) it waits WARM_WAIT at most, as for a silent server."""
+        if not self._warmed and self.dns.warmed():
+            self._warmed = self._live_answers >= self._answers or self.dns.warm_wait_over()
+        return self._warmed
 
     async def refresh_dns(self) -> bool:
         """Look up the names that are due; each time answers change something

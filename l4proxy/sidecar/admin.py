@@ -701,7 +701,8 @@ class WorkerView:
         # refused (invalid, or unreadable by uid 1337) left a ready pod whose
         # every connection passed through unrouted (Envoy is not ready before
         # its first configuration either). Nor before every DNS endpoint name
-        # had its first lookup: until then the per-request relay answers 503
+        # had its first lookup and the table made with the answers (in a
+        # thread) went live: until then the per-request relay answers 503
         # for its services (Envoy's readiness waits for its clusters' first
         # resolution too).
         if self.worker.draining:
@@ -713,7 +714,7 @@ class WorkerView:
             return STALLED
         rules = self.worker.rules
         loaded = rules.state.generation > 0 or not rules.paths
-        return LIVE if loaded and rules.dns.warmed() else INITIALIZING
+        return LIVE if loaded and rules.warmed() else INITIALIZING
 
     async def logging(self, spec: str) -> list[tuple[str, dict[str, str] | None]]:
         return [("", apply_log_levels(spec))]
