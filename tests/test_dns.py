@@ -1595,3 +1595,64 @@ def test_ready_waits_for_the_table_expanded_with_the_first_answers(
         (LIVE, ["127.0.0.1"]),  # sticky: a later change expanded meanwhile
         (LIVE, ["127.0.0.2"]),
     ]
+
+
+def test_stop_leaves_no_expansion_behind_an_answer_applied_as_it_stops(
+    fake_dns: FakeDns, tmp_path: Path, gated: GatedExpansion
+) -> None:
+    """stop() (SIGTERM, a drain's or a hand-over's end) cancelled the
+    expander it saw when it began: an answer applied while it waited for
+    the watch task's end (the DNS task still running) started one that
+    outlived it, and went on to publish a table and call the swap hook in
+    a worker closing down. Now no expansion starts once stop() began, and
+    one under way is cancelled: its thread, held here, ends on its own
+    and nothing it made goes live."""
+    fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.1"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_one_service("a.test."))
+    swaps: list[int] = []
+
+    async def main() -> tuple[int, int, bool]:
+        w = RuleWatcher(
+            [str(rules)],
+            interval=3600,
+            resolver=_resolver(fake_dns, tmp_path, timeout=2.0),
+            dns_min_ttl=60,
+            on_swap=lambda st: swaps.append(st.dns_updates),
+        )
+        assert w.load_now()
+        w.start()
+        await _until(lambda: w.state.dns_updates == 1, "the first answer live")
+        # (1) an answer applied in the loop turn stop() waits in
+        before = gated.done
+        gated.hold = release = threading.Event()
+        gated.entered.clear()
+        stopping = asyncio.ensure_future(w.stop())
+        await asyncio.sleep(0)
+        assert not stopping.done()
+        w.dns.names["a.test."].addresses = ("127.0.0.9",)
+        w._dns_changed()  # what refresh_due's on_change does
+        await stopping
+        late = w._expander is not None and not w._expander.done()
+        release.set()
+        gated.hold = None  # (not taken, unless an expansion started)
+        # (2) an expansion under way (held in its thread) when stop() comes
+        w2 = RuleWatcher(
+            [str(rules)], interval=3600, resolver=_resolver(fake_dns, tmp_path, timeout=2.0)
+        )
+        assert w2.load_now()
+        w2.start()
+        gated.hold = release2 = threading.Event()
+        gated.entered.clear()
+        await _until(gated.entered.is_set, "expanding")
+        await w2.stop()
+        assert w2._expander is not None and w2._expander.cancelled()
+        release2.set()
+        await _until(lambda: gated.done >= 1, "the held thread ended")
+        await asyncio.sleep(0.1)
+        return w.state.dns_updates + w2.state.dns_updates, gated.done - before, late
+
+    updates, done, late = asyncio.run(main())
+    assert not late
+    assert updates == 1 and swaps == [0, 1], (updates, swaps)  # the load, its first answer
+    assert done == 2  # (2)'s load and its thread; (1)'s never started

@@ -569,6 +569,7 @@ class RuleWatcher:
         self._live_answers = 0
         self._expander: asyncio.Task[None] | None = None  # see _expand_dns
         self.expanding = False  # a DNS change is being expanded into the table, in a thread
+        self._stopping = False  # stop() began: no expansion starts any more
         self._warmed = False  # see warmed()
 
     def load_now(self) -> bool:
@@ -1219,6 +1220,7 @@ class RuleWatcher:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._stopping = False
         self._task = loop.create_task(self._run())
         self._dns_task = loop.create_task(self._run_dns())
 
@@ -1227,7 +1229,11 @@ class RuleWatcher:
         task did not take (asyncio.wait_for in Python 3.11 drops one that
         comes in the loop turn its awaited thing completes: a SIGHUP as the
         drain ended left the worker waiting here for ever) is sent again."""
-        for task in (self._task, self._dns_task, self._expander):
+        self._stopping = True
+        # (the expander read last: a DNS answer applied while the others
+        # were being cancelled may have started one, and none starts after)
+        for task in (self._task, self._dns_task, None):
+            task = task or self._expander
             while task is not None and not task.done():
                 task.cancel()
                 await asyncio.wait({task}, timeout=0.5)
@@ -1266,7 +1272,11 @@ class RuleWatcher:
 
     def _expand_later(self) -> None:
         """Expand the newest answers into the table, in :meth:`_expand_dns`:
-        started where it is not under way (where it is, it sees them)."""
+        started where it is not under way (where it is, it sees them), and
+        not once :meth:`stop` has begun (it would outlive it: a table
+        published, the swap hook called, in a worker closing)."""
+        if self._stopping:
+            return
         if self._expander is None or self._expander.done():
             self._expander = asyncio.get_running_loop().create_task(
                 self._expand_dns(), name="l4proxy-rules-dns-expand"
