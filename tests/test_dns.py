@@ -1656,3 +1656,42 @@ def test_stop_leaves_no_expansion_behind_an_answer_applied_as_it_stops(
     assert not late
     assert updates == 1 and swaps == [0, 1], (updates, swaps)  # the load, its first answer
     assert done == 2  # (2)'s load and its thread; (1)'s never started
+
+
+def test_an_expansion_that_failed_is_made_again_at_the_next_refresh_without_a_change(
+    fake_dns: FakeDns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An expansion that fails (a bug of ours) left the answers out of the
+    table until some name's addresses *changed*: a name whose answer stays
+    the same stayed a name (a host name where a pod address was meant) for
+    good. The next refresh, answers unchanged, makes it again."""
+    from l4proxy.rules import watch as rulewatch
+
+    real = rulewatch.resolved_table
+    failures = [RuntimeError("an expansion bug")]
+
+    def flaky(base: RouteTable, states: Any) -> RouteTable:
+        if failures:
+            raise failures.pop()
+        return real(base, states)
+
+    fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.1"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_one_service("a.test."))
+
+    async def main() -> tuple[list[str], bool, list[str], int]:
+        w = RuleWatcher(
+            [str(rules)], interval=3600, resolver=_resolver(fake_dns, tmp_path, timeout=2.0)
+        )
+        assert w.load_now()
+        monkeypatch.setattr(rulewatch, "resolved_table", flaky)
+        assert await w.refresh_dns()  # answered: its expansion fails
+        kept = [e.address for e in w.state.table.services()[0].endpoints]
+        w.dns.names["a.test."].next_at = 0.0
+        changed = await w.refresh_dns()  # the same answer
+        after = [e.address for e in w.state.table.services()[0].endpoints]
+        return kept, changed, after, w.state.dns_updates
+
+    kept, changed, after, updates = asyncio.run(main())
+    assert kept == ["a.test."] and not changed and not failures
+    assert after == ["127.0.0.1"] and updates == 1

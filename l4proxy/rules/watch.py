@@ -1258,6 +1258,8 @@ class RuleWatcher:
         goes live: made in a thread (:meth:`_expand_dns`), and done by the
         time this returns. True if any name's addresses changed."""
         changed = await self.dns.refresh_due(on_change=self._dns_changed, wake=self._dns_wake)
+        if self._live_answers < self._answers:  # (an expansion failed: tried again now)
+            self._expand_later()
         task = self._expander
         if task is not None and not task.done():
             await asyncio.wait({task})  # (a cancel of this one leaves it to stop())
