@@ -76,6 +76,9 @@ def test_a_worker_whose_relay_thread_is_stuck_is_replaced(
         assert "has not answered" not in log, log  # (its event loop did answer)
         sidecar.until(lambda: "[w0] " in sidecar.log().split(f"pid {second}")[-1], "w0 up")
         assert _answered(sidecar, 8) == 8
+        # the replacement starts as every worker does (sidecar/lean.py's worker_env)
+        with open(f"/proc/{second}/environ", "rb") as f:
+            assert b"PYTHONMALLOC=malloc" in f.read().split(b"\0")
         time.sleep(6.0)  # three watchdog timeouts, idle: the relay's loop still turns
         assert _workers(sidecar) == [first, second], sidecar.log()
         assert sidecar.log().count("its relay thread has not turned") == 1, sidecar.log()

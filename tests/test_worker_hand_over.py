@@ -231,6 +231,9 @@ def test_a_worker_sent_sigterm_alone_refuses_no_client(
         assert set(prober.statuses) == {200} and len(prober.statuses) >= 65
         assert not os.path.exists(f"/proc/{old}/stat") or _zombie_or_gone(old)
         os.kill(new, 0)  # (alive)
+        # the successor starts as every worker does (sidecar/lean.py's worker_env)
+        environ = Path(f"/proc/{new}/environ").read_bytes().split(b"\0")
+        assert b"PYTHONMALLOC=malloc" in environ and b"MALLOC_ARENA_MAX=1" in environ
         log = sidecar.log()
         assert f"worker 0 (pid {old}) drains on a SIGTERM of its own" in log, log
         assert "died with" not in log and "stopped on its own" not in log, log

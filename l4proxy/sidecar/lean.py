@@ -48,7 +48,12 @@ a mesh, so what each loads is paid thousands of times over.
   where Python allocates most, counted with callgrind: a request through the
   compiled relay 2,551 instructions instead of 2,517 (bench.instructions;
   its loop 2,408 against 2,405), a rule load of 400 + 400 objects 12 % more,
-  the interpreter's start-up 19 % more.
+  the interpreter's start-up 19 % more. The pure-Python relay
+  (``L4PROXY_NO_EXTENSIONS=1``, or no compiled extensions) allocates at each
+  step and pays 8 %: 1,019,000 instructions a request against 941,000 (two
+  runs each of 650-820 requests; the same with the supervisor on malloc too).
+  Only the worker is started so: the supervisor and anything else l4proxy
+  runs (``demo``, ``canary``, their backends) keep the environment given.
 * **what a load freed.** Parsing and compiling rules allocates several times
   the table it builds; once the parse is over, most of that is free but not
   returned. Measured after loading 2,000 + 2,000 objects and then a small rule
