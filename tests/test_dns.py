@@ -1695,3 +1695,53 @@ def test_an_expansion_that_failed_is_made_again_at_the_next_refresh_without_a_ch
     kept, changed, after, updates = asyncio.run(main())
     assert kept == ["a.test."] and not changed and not failures
     assert after == ["127.0.0.1"] and updates == 1
+
+
+def test_a_refused_reload_while_a_dns_change_is_expanded_keeps_the_last_good_rules(
+    fake_dns: FakeDns, tmp_path: Path, gated: GatedExpansion
+) -> None:
+    """A reload refused (invalid rules) while a DNS change's expansion is
+    held in its thread: the last good rules keep serving, and that change's
+    answers go live in them once it ends (the base it expanded is still the
+    one live); then a valid reload goes live with the same answers."""
+    fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.1"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_one_service("a.test."))
+    published: list[tuple[int, int, list[str]]] = []
+
+    def on_swap(st: Any) -> None:
+        (svc,) = st.table.services()
+        published.append(
+            (st.generation, svc.ports[0].number, sorted(e.address for e in svc.endpoints))
+        )
+
+    async def main() -> tuple[str | None, bool]:
+        w = RuleWatcher(
+            [str(rules)],
+            interval=3600,
+            settle=0,
+            resolver=_resolver(fake_dns, tmp_path, timeout=2.0),
+            dns_min_ttl=60,
+            on_swap=on_swap,
+        )
+        assert w.load_now()
+        gated.hold = release = threading.Event()
+        gated.entered.clear()
+        refresh = asyncio.ensure_future(w.refresh_dns())
+        await _until(gated.entered.is_set, "the DNS change expanding")
+        rules.write_text(_one_service("a.test.", port=8081) + "  - {address: [not, valid]}\n")
+        assert not await w.reload()
+        error = w.state.last_error
+        release.set()
+        assert await refresh
+        rules.write_text(_one_service("a.test.", port=8082))
+        assert await w.reload()
+        return error, w.expanding
+
+    error, expanding = asyncio.run(main())
+    assert error and not expanding
+    assert published == [
+        (1, 8080, ["a.test."]),
+        (1, 8080, ["127.0.0.1"]),  # the last good rules, with the answer
+        (2, 8082, ["127.0.0.1"]),
+    ]
