@@ -1745,3 +1745,47 @@ def test_a_refused_reload_while_a_dns_change_is_expanded_keeps_the_last_good_rul
         (1, 8080, ["127.0.0.1"]),  # the last good rules, with the answer
         (2, 8082, ["127.0.0.1"]),
     ]
+
+
+def test_stop_cancels_a_late_load_being_expanded(
+    fake_dns: FakeDns, tmp_path: Path, gated: GatedExpansion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load past its deadline that ends later goes live from a task of its
+    own (ended_late), which now awaits its table's DNS expansion in a thread
+    too. stop() left that task running: released after the stop, it swapped
+    its rules in (generation 2, the swap hook called) in a worker closing
+    down. It is cancelled with the others now."""
+    from l4proxy.rules import watch as rulewatch
+
+    fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.1"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(_one_service("a.test."))
+    w = RuleWatcher(
+        [str(rules)],
+        interval=3600,
+        settle=0,
+        resolver=_resolver(fake_dns, tmp_path, timeout=2.0),
+        load_deadline=0.1,
+    )
+    assert w.load_now()
+    real = rulewatch.load_rules
+
+    def slow(*args: Any, **kw: Any) -> Any:
+        time.sleep(0.4)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(rulewatch, "load_rules", slow)
+    rules.write_text(_one_service("a.test.", port=8081))
+
+    async def main() -> None:
+        gated.hold = release = threading.Event()
+        gated.entered.clear()
+        assert not await w.reload()  # past its deadline
+        assert w.stuck is not None
+        await _until(gated.entered.is_set, "the late load's expansion")
+        await w.stop()
+        release.set()
+        await asyncio.sleep(0.3)
+
+    asyncio.run(main())
+    assert w.state.generation == 1 and w.state.table.services()[0].ports[0].number == 8080

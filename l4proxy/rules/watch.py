@@ -1225,14 +1225,15 @@ class RuleWatcher:
         self._dns_task = loop.create_task(self._run_dns())
 
     async def stop(self) -> None:
-        """Cancel the watch and DNS tasks and wait for their end. A cancel a
+        """Cancel the watch and DNS tasks, a late load's (see :meth:`_stuck`)
+        and a DNS expansion, and wait for their end. A cancel a
         task did not take (asyncio.wait_for in Python 3.11 drops one that
         comes in the loop turn its awaited thing completes: a SIGHUP as the
         drain ended left the worker waiting here for ever) is sent again."""
         self._stopping = True
         # (the expander read last: a DNS answer applied while the others
         # were being cancelled may have started one, and none starts after)
-        for task in (self._task, self._dns_task, None):
+        for task in (self._task, self._dns_task, *self._late_tasks, None):
             task = task or self._expander
             while task is not None and not task.done():
                 task.cancel()
