@@ -246,12 +246,17 @@ def test_two_rules_of_one_selector_for_one_host_are_an_error(tmp_path: Path) -> 
         (
             '{"app*": x}',
             None,
-            "label name 'app*' in spec.workloadSelector.matchLabels is not a valid label name",
+            "label name 'app*' in spec.workloadSelector.matchLabels is not a valid label name "
+            "(Kubernetes': at most 63 letters, digits, '-', '_' and '.', beginning and ending "
+            "with a letter or digit, after an optional DNS prefix and '/', as in "
+            "app.kubernetes.io/name)",
         ),
         (
             '{track: "no good"}',
             None,
-            "label track='no good' in spec.workloadSelector.matchLabels is not a valid label value",
+            "label track='no good' in spec.workloadSelector.matchLabels is not a valid label "
+            "value (Kubernetes': at most 63 letters, digits, '-', '_' and '.', beginning and "
+            "ending with a letter or digit, or empty)",
         ),
         (
             "{track: 1}",
@@ -302,12 +307,32 @@ def test_own_namespace_export_is_accepted(tmp_path: Path) -> None:
         assert pinned(table) == (Labels({"version": "v2"}), "LEAST_REQUEST"), export
 
 
+SAYS_MATCH_LABELS = (
+    "unknown field spec.workloadSelector.labels: a DestinationRule's workloadSelector says "
+    "matchLabels (labels is a Sidecar's or a ServiceEntry's); write matchLabels: {KEY: VALUE}"
+)
+
+
 def test_a_sidecar_selector_field_is_a_typo_at_its_line(tmp_path: Path) -> None:
-    """A Sidecar's selector says ``labels``; a DestinationRule's ``matchLabels``."""
+    """A Sidecar's selector says ``labels``; a DestinationRule's
+    ``matchLabels``: the error says which to write (before, only that
+    matchLabels was expected)."""
     text = CANARY.replace("matchLabels:", "labels:")
     assert errors(tmp_path, text) == [
-        f"{line(tmp_path, '    labels: {track')}: unknown field "
-        "spec.workloadSelector.labels (expected one of: matchLabels)"
+        f"{line(tmp_path, '    labels: {track')}: {SAYS_MATCH_LABELS}"
+    ]
+
+
+def test_labels_beside_another_unknown_field_are_each_an_error(tmp_path: Path) -> None:
+    """``labels`` and another unknown field: each at its line, ``labels``
+    said once (not again as a field fields() does not know)."""
+    text = CANARY.replace("matchLabels:", "labels:").replace(
+        "  workloadSelector:\n", "  workloadSelector:\n    namespace: default\n"
+    )
+    assert errors(tmp_path, text) == [
+        f"{line(tmp_path, '    labels: {track')}: {SAYS_MATCH_LABELS}",
+        f"{line(tmp_path, '    namespace: default')}: unknown field "
+        "spec.workloadSelector.namespace (expected one of: matchLabels)",
     ]
 
 

@@ -1534,6 +1534,17 @@ def _workload_selector(ctx: Ctx, value: Any) -> tuple[Labels | None, bool]:
     if value is None:
         return None, True
     path: Path = ("spec", "workloadSelector")
+    if isinstance(value, dict) and "labels" in value and "matchLabels" not in value:
+        # a Sidecar's and a ServiceEntry's workloadSelector say labels: say which to write
+        ctx.error(
+            (*path, "labels"),
+            f"unknown field {dotted((*path, 'labels'))}: a DestinationRule's workloadSelector "
+            "says matchLabels (labels is a Sidecar's or a ServiceEntry's); write matchLabels: "
+            "{KEY: VALUE}",
+        )
+        value = {k: v for k, v in value.items() if k != "labels"}
+        if not value:
+            return None, False
     sel = fields(ctx, value, path, allowed=("matchLabels",))
     if sel is None:
         return None, False

@@ -27,6 +27,10 @@ _LABEL_KEY = re.compile(
     r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 )
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+# what a label name (after its prefix) and a label value are, said in their errors
+_LABEL_SYNTAX = (
+    "at most 63 letters, digits, '-', '_' and '.', beginning and ending with a letter or digit"
+)
 # RFC 9110 §5.1: a field name is a token (§5.6.2), ASCII; the Gateway API's
 # HTTPHeaderName says the same
 _FIELD_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
@@ -375,7 +379,12 @@ def labels(ctx: Ctx, value: Any, path: Path) -> Labels | None:
     for k, v in value.items():
         sub = (*path, k)
         if not isinstance(k, str) or not _LABEL_KEY.fullmatch(k):
-            ctx.error(sub, f"label name {k!r} in {dotted(path)} is not a valid label name")
+            ctx.error(
+                sub,
+                f"label name {k!r} in {dotted(path)} is not a valid label name "
+                f"(Kubernetes': {_LABEL_SYNTAX}, after an optional DNS prefix and '/', "
+                "as in app.kubernetes.io/name)",
+            )
             ok = False
         elif not isinstance(v, str):
             # (the value as YAML wrote it: null an empty value, true "true")
@@ -387,7 +396,11 @@ def labels(ctx: Ctx, value: Any, path: Path) -> Labels | None:
             )
             ok = False
         elif not _LABEL_VALUE.fullmatch(v):
-            ctx.error(sub, f"label {k}={v!r} in {dotted(path)} is not a valid label value")
+            ctx.error(
+                sub,
+                f"label {k}={v!r} in {dotted(path)} is not a valid label value "
+                f"(Kubernetes': {_LABEL_SYNTAX}, or empty)",
+            )
             ok = False
     return Labels(value) if ok else None
 
