@@ -12,6 +12,8 @@ unchanged, whichever of its twins serves the table."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -105,3 +107,43 @@ def test_a_reload_that_adds_or_removes_a_selecting_rule_changes_the_route(
         _reloaded(mesh, before)
         versions, _, failures = mesh.split(n=10)
         assert not failures and versions == {version: 10}, (version, versions, failures)
+
+
+def test_a_relabelled_pod_takes_its_new_labels_at_a_workers_restart(mesh: Mesh) -> None:
+    """``--pod-labels-file`` is read when a worker starts (README, *A
+    DestinationRule's workloadSelector*; ``l4proxy run --help``): the file
+    rewritten as the Downward API does on ``kubectl label pod``, a reload
+    keeps the rule that applied; a worker sent SIGTERM hands over to a
+    successor that reads the file again, and the rule of the selector
+    applies."""
+    mesh.write_rules(
+        service_entry("bootcamp", VIP, 8080, mesh.endpoints()), VS, EVERYONE_V1, CANARY_CALLERS_V2
+    )
+    labels = os.path.join(mesh.rules_dir, "labels")  # (not *.yaml: no rule file)
+
+    def label(track: str) -> None:
+        with open(labels + ".tmp", "w") as f:
+            f.write(f'app="client"\ntrack="{track}"\n')
+        os.chmod(labels + ".tmp", 0o644)
+        os.replace(labels + ".tmp", labels)
+
+    label("stable")
+    sidecar = mesh.start_client(
+        run_args=["--http-routing", "request", "--workers", "1", "--pod-labels-file", labels]
+    )
+    versions, _, failures = mesh.split(n=10)
+    assert not failures and versions == {"v1": 10}, (versions, failures)
+    label("canary")
+    before = sidecar.stat("l4proxy_reloads_total")
+    os.kill(sidecar.proc.pid, signal.SIGHUP)
+    _reloaded(mesh, before)
+    versions, _, failures = mesh.split(n=10)
+    assert not failures and versions == {"v1": 10}, (versions, failures)
+    (old,) = sidecar.worker_pids()
+    os.kill(old, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while old in sidecar.worker_pids() or len(sidecar.worker_pids()) != 1:
+        assert time.monotonic() < deadline, mesh.sidecar_log(3000)
+        time.sleep(0.1)
+    versions, _, failures = mesh.split(n=10)
+    assert not failures and versions == {"v2": 10}, (versions, failures)

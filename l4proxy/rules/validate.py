@@ -130,7 +130,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         metavar="K=V,...",
         help="the labels of the pod whose sidecar loads the files (its --pod-labels, read "
-        "alike; they win over --pod-labels-file's): the DestinationRules whose "
+        "alike, each over the same key of --pod-labels-file's): the DestinationRules whose "
         "workloadSelector selects it apply in place of the others, as on that sidecar; "
         "without either option none of them does, with a note each",
     )

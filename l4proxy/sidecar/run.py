@@ -399,9 +399,10 @@ def add_parser(sub: Any) -> None:
         type=pod_labels_arg,
         default={},
         metavar="K=V,...",
-        help="this pod's labels, for RouteRule match.source / sourceLabels and the "
-        "DestinationRules whose workloadSelector selects the pod (they win over "
-        "--pod-labels-file's)",
+        help="this pod's labels (each over the same key of --pod-labels-file's), for "
+        "RouteRule match.source / sourceLabels, Istio's metrics' source_* labels and the "
+        "DestinationRules whose workloadSelector selects the pod; check rules against them "
+        "with l4proxy validate --pod-labels",
     )
     p.add_argument(
         "--pod-labels-file",
@@ -410,7 +411,8 @@ def add_parser(sub: Any) -> None:
         metavar="PATH",
         help="this pod's labels from a Downward API file (a downwardAPI volume's item with "
         "fieldPath: metadata.labels; l4proxy inject mounts one at "
-        "/etc/l4proxy-pod/labels); read at start",
+        "/etc/l4proxy-pod/labels); read when a worker starts, not on a reload: a pod "
+        "relabelled keeps its routes until its workers restart",
     )
     p.add_argument(
         "--reload-interval",
