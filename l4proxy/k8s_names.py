@@ -16,6 +16,15 @@ import re
 DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # a ConfigMap and most other objects: a DNS subdomain
 DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+# a label's name (an optional DNS prefix and '/', then the name) and value
+LABEL_KEY = re.compile(
+    r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+# what a label name (after its prefix) and a label value are, said in their errors
+LABEL_SYNTAX = (
+    "at most 63 letters, digits, '-', '_' and '.', beginning and ending with a letter or digit"
+)
 
 
 def namespace_arg(value: str) -> str:
@@ -30,13 +39,27 @@ def namespace_arg(value: str) -> str:
 
 def pod_labels_arg(value: str) -> dict[str, str]:
     """``--pod-labels`` of ``l4proxy run`` and ``l4proxy validate``: ``key=value,...``
-    (a key blank but for spaces is no key: an error naming the option)."""
+    (a key blank but for spaces is no key, and a name or value that is not
+    Kubernetes' syntax no label: an error naming the option)."""
     out: dict[str, str] = {}
     for item in filter(None, value.split(",")):
         k, sep, v = item.partition("=")
-        if not sep or not k.strip():
+        k, v = k.strip(), v.strip()
+        if not sep or not k:
             raise argparse.ArgumentTypeError(f"expected key=value[,key=value], got {value!r}")
-        out[k.strip()] = v.strip()
+        # a pod's labels are Kubernetes': one that is not (a space-separated
+        # list read as one value, say) is a typo that would select nothing
+        if not LABEL_KEY.fullmatch(k):
+            raise argparse.ArgumentTypeError(
+                f"label name {k!r} is not a Kubernetes label name ({LABEL_SYNTAX}, after an "
+                f"optional DNS prefix and '/'); expected key=value[,key=value], got {value!r}"
+            )
+        if not LABEL_VALUE.fullmatch(v):
+            raise argparse.ArgumentTypeError(
+                f"label {k}={v!r} is not a Kubernetes label value ({LABEL_SYNTAX}, or empty); "
+                f"expected key=value[,key=value] (labels separated by ','), got {value!r}"
+            )
+        out[k] = v
     return out
 
 

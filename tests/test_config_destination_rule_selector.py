@@ -369,6 +369,49 @@ def test_validate_and_run_read_the_pod_labels_alike(
     assert args.pod_labels == {"app": "web", "track": "canary"}
 
 
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [
+        (
+            "track=canary app=web",
+            "label track='canary app=web' is not a Kubernetes label value (at most 63 "
+            "letters, digits, '-', '_' and '.', beginning and ending with a letter or digit, "
+            "or empty); expected key=value[,key=value] (labels separated by ','), got "
+            "'track=canary app=web'",
+        ),
+        (
+            "app*=web",
+            "label name 'app*' is not a Kubernetes label name (at most 63 letters, digits, "
+            "'-', '_' and '.', beginning and ending with a letter or digit, after an optional "
+            "DNS prefix and '/'); expected key=value[,key=value], got 'app*=web'",
+        ),
+        (
+            "app=web,track=-canary",
+            "label track='-canary' is not a Kubernetes label value",
+        ),
+    ],
+    ids=["space-separated", "name", "value"],
+)
+def test_a_pod_label_that_is_not_kubernetes_syntax_is_refused(
+    command: str, bad: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pod's labels are Kubernetes': ``--pod-labels 'track=canary
+    app=web'`` (labels separated by a space) was read as one label whose
+    value no selector matches, and the sidecar routed as for a pod without
+    it; now exit 2 with the option, the syntax and what was given, in both
+    commands."""
+    paths = ["rules/"] if command == "validate" else []
+    with pytest.raises(SystemExit) as exc:
+        build_parser(command).parse_args([command, "--pod-labels", bad, *paths])
+    assert exc.value.code == 2
+    assert f"argument --pod-labels: {said}" in capsys.readouterr().err
+    args = build_parser(command).parse_args(
+        [command, "--pod-labels", "app.kubernetes.io/name=web,track=,v=1.2_b", *paths]
+    )
+    assert args.pod_labels == {"app.kubernetes.io/name": "web", "track": "", "v": "1.2_b"}
+
+
 def test_validate_takes_the_pods_labels_file(tmp_path: Path) -> None:
     """``l4proxy validate --pod-labels-file``: the Downward API file the
     sidecar reads, its --pod-labels over it, as ``l4proxy run`` merges them."""

@@ -16,21 +16,13 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN
+from l4proxy.k8s_names import DNS1123_LABEL, DNS1123_SUBDOMAIN, LABEL_KEY, LABEL_SYNTAX, LABEL_VALUE
 from l4proxy.rules._errors import Diagnostic, Severity
 from l4proxy.rules._regex import RegexError, compile_regex, shown
 from l4proxy.rules._yaml import Document, Path
 from l4proxy.rules.routing import Labels, StringMatch
 
 NOT_IMPLEMENTED = "is not implemented by l4proxy; remove it (the sidecar would not honour it)"
-_LABEL_KEY = re.compile(
-    r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-)
-_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
-# what a label name (after its prefix) and a label value are, said in their errors
-_LABEL_SYNTAX = (
-    "at most 63 letters, digits, '-', '_' and '.', beginning and ending with a letter or digit"
-)
 # RFC 9110 §5.1: a field name is a token (§5.6.2), ASCII; the Gateway API's
 # HTTPHeaderName says the same
 _FIELD_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
@@ -378,11 +370,11 @@ def labels(ctx: Ctx, value: Any, path: Path) -> Labels | None:
     ok = True
     for k, v in value.items():
         sub = (*path, k)
-        if not isinstance(k, str) or not _LABEL_KEY.fullmatch(k):
+        if not isinstance(k, str) or not LABEL_KEY.fullmatch(k):
             ctx.error(
                 sub,
                 f"label name {k!r} in {dotted(path)} is not a valid label name "
-                f"(Kubernetes': {_LABEL_SYNTAX}, after an optional DNS prefix and '/', "
+                f"(Kubernetes': {LABEL_SYNTAX}, after an optional DNS prefix and '/', "
                 "as in app.kubernetes.io/name)",
             )
             ok = False
@@ -395,11 +387,11 @@ def labels(ctx: Ctx, value: Any, path: Path) -> Labels | None:
                 f'(quote it: {k}: "{written}")',
             )
             ok = False
-        elif not _LABEL_VALUE.fullmatch(v):
+        elif not LABEL_VALUE.fullmatch(v):
             ctx.error(
                 sub,
                 f"label {k}={v!r} in {dotted(path)} is not a valid label value "
-                f"(Kubernetes': {_LABEL_SYNTAX}, or empty)",
+                f"(Kubernetes': {LABEL_SYNTAX}, or empty)",
             )
             ok = False
     return Labels(value) if ok else None
