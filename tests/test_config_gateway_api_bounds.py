@@ -230,7 +230,16 @@ def test_a_long_list_is_refused_before_its_items_are_read(tmp_path: Path) -> Non
         (
             "header value absent",
             mesh_route(rule(headers=1).replace(", value: v}", "}")),
-            "spec.rules[0].matches[0].headers[0].value is required",
+            "spec.rules[0].matches[0].headers[0].value is required: the API has no presence "
+            "match (to match a header that is there, whatever its value: type: "
+            "RegularExpression, value: '.*')",
+        ),
+        (
+            "query value absent",
+            mesh_route(rule(queries=1).replace(", value: v}", "}")),
+            "spec.rules[0].matches[0].queryParams[0].value is required: the API has no "
+            "presence match (to match a query parameter that is there, whatever its value: "
+            "type: RegularExpression, value: '.*')",
         ),
         (
             "query parameter name not a token",
@@ -255,6 +264,33 @@ def test_a_match_value_or_name_the_api_server_refuses_is_an_error(
     [err] = info.value.errors
     assert message in err.message, str(err)
     assert err.file == str(f)
+
+
+def test_the_presence_match_a_missing_value_error_suggests_matches_as_it_says(
+    tmp_path: Path,
+) -> None:
+    """The hint of a header or query match without a value (type:
+    RegularExpression, value: '.*') holds: it matches the request that has
+    the header or parameter, whatever its value (empty too), and not one
+    without it."""
+    f = tmp_path / "r.yaml"
+    f.write_text(
+        mesh_route(
+            rule(headers=1).replace(", value: v}", ", type: RegularExpression, value: '.*'}")
+        )
+    )
+    table = load_rules([str(f), PER_VERSION]).table
+    for headers, routed in (({"h0": "anything"}, True), ({"h0": ""}, True), ({}, False)):
+        got = route_of(table, Request(path="/p0", headers=headers))
+        assert (got is not None) is routed, headers
+    f.write_text(
+        mesh_route(
+            rule(queries=1).replace(", value: v}", ", type: RegularExpression, value: '.*'}")
+        )
+    )
+    table = load_rules([str(f), PER_VERSION]).table
+    for target, routed in (("/p0?q0=x", True), ("/p0?q0", True), ("/p0?q1=x", False)):
+        assert (route_of(table, Request(path=target)) is not None) is routed, target
 
 
 def test_header_and_query_values_at_their_bounds_load(tmp_path: Path) -> None:

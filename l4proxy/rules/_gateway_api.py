@@ -1408,9 +1408,20 @@ def _name_matches(
         name = text(ctx, h["name"], (*ipath, "name"), required=True)
         # (value: required, 1 to 4096 characters for a header, 1024 for a
         # query parameter, as the CRD has it)
+        what = "header name" if fold else "query parameter name"
+        if h.get("value") is None:
+            # (a VirtualService's match may be {} for "there": the API's may not)
+            kind = "header" if fold else "query parameter"
+            ctx.error(
+                (*ipath, "value"),
+                f"{dotted((*ipath, 'value'))} is required: the API has no presence match (to "
+                f"match a {kind} that is there, whatever its value: type: RegularExpression, "
+                "value: '.*')",
+            )
+            ok = False
+            continue
         val = text(ctx, h.get("value"), (*ipath, "value"), required=True)
         htype = h.get("type", "Exact")
-        what = "header name" if fold else "query parameter name"
         if name is None or val is None or not header_name(ctx, name, (*ipath, "name"), what):
             ok = False
             continue
