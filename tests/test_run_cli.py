@@ -166,6 +166,20 @@ def test_the_readme_names_every_option_the_help_shows(command: str) -> None:
     assert shown and not missing, missing
 
 
+def test_the_help_says_the_environment_a_worker_starts_with() -> None:
+    """``l4proxy run --help``'s environment paragraph names each variable
+    worker_env sets, with its value, and how to have pymalloc back (an
+    override a worker keeps)."""
+    from l4proxy.sidecar.lean import worker_env
+
+    (sub,) = (a for a in build_parser("run")._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices["run"].format_help().split())
+    defaults = worker_env({})
+    assert defaults and all(f"{k}={v}" in text for k, v in defaults.items()), text
+    assert "PYTHONMALLOC=pymalloc" in text
+    assert worker_env({"PYTHONMALLOC": "pymalloc"})["PYTHONMALLOC"] == "pymalloc"
+
+
 def test_the_pod_labels_file_is_read_as_the_downward_api_writes_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

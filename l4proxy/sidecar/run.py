@@ -77,6 +77,11 @@ the SIGTERM on. POST /healthcheck/fail on the admin endpoint makes /ready
 503 and each gateway answer say "Connection: close" (nothing else drains)
 until POST /healthcheck/ok.
 
+environment: each worker starts with PYTHONMALLOC=malloc and MALLOC_ARENA_MAX=1
+unless it is set (glibc's malloc in one arena, which gives back the pages a
+rule load freed; PYTHONMALLOC=pymalloc for Python's own allocator);
+L4PROXY_NO_EXTENSIONS=1 runs the pure-Python twins of the compiled data plane.
+
 exit codes: 0 drained and stopped, 1 runtime failure (with --single-process:
 the relay's thread stuck for --watchdog-timeout, or at the stop's end), 2 usage
 error (bad flags, a port that cannot be bound).
