@@ -457,3 +457,18 @@ def test_a_subset_in_each_rule_that_applies_on_a_pod_loads_on_every_pod(tmp_path
     for pod_labels in (None, {}, {"track": "canary"}):
         table, _ = load(tmp_path, EVERYONE, CANARY, other, pod_labels=pod_labels)
         assert table.routes_for(HOST)
+
+
+def test_a_subset_the_rule_applied_here_lacks_names_it_where_it_is(tmp_path: Path) -> None:
+    """On a pod the rule of a selector selects, a route's subset it does not
+    define is an error that names where that rule is and why it is the one
+    applied (before: only its name, as for a host's only rule, and a user
+    looked for the subset in the rule without a selector, which has it)."""
+    other = CANARY.replace("  - name: pinned\n", "  - name: other\n")
+    got = errors(tmp_path, EVERYONE, other, pod_labels={"track": "canary"})
+    assert got == [
+        f"{line(tmp_path, 'subset: pinned')}: subset pinned is not defined by DestinationRule "
+        f"web-canary for host {HOST} (it defines: other); web-canary "
+        f"({tmp_path / 'rules.yaml'}:{doc(tmp_path, 'web-canary')}) applies on this pod, its "
+        "workloadSelector (track=canary) selecting it: define the subset there too"
+    ]

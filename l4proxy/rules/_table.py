@@ -627,9 +627,17 @@ def _destination(
         sd = policy.subsets.get(dd.subset)
         if sd is None:
             defined = ", ".join(policy.subsets) or "none"
+            at = f" ({policy.where.location})" if policy.where is not None else ""
+            # (one of a workloadSelector applies on this pod alone: say so, and where it is)
+            why = (
+                f"; {policy.name}{at} applies on this pod, its workloadSelector "
+                f"({policy.selector or 'no labels'}) selecting it: define the subset there too"
+                if policy.selector is not None
+                else ""
+            )
             dd.where.error(
                 f"subset {dd.subset} is not defined by DestinationRule {policy.name} for "
-                f"host {dd.host} (it defines: {defined})"
+                f"host {dd.host} (it defines: {defined}){why}"
             )
             return None
         if not _subset_everywhere(dd, d, policy):
