@@ -464,6 +464,10 @@ class NameState:
 
 
 def _is_ip(address: str) -> bool:
+    if ":" not in address and not address.replace(".", "").isdigit():
+        # (a name: an IPv4 address is digits and dots, an IPv6 one has a
+        # colon; no ipaddress parse, for each of a table's endpoints on the loop)
+        return False
     try:
         ipaddress.ip_address(address)
     except ValueError:
