@@ -186,3 +186,24 @@ def test_an_endpoint_with_nothing_pooled_or_in_flight_is_forgotten() -> None:
     assert p.snapshot() == {A: (1, 0)}
     p.checkin(A, "busy", reusable=True, now=20.0)
     assert p.checkout(A) == "busy"  # still pooled as before
+
+
+def test_endpoint_settings_shared_by_many_endpoints_are_checked_as_each_is() -> None:
+    """checked_endpoint_settings checks each distinct value once (a table's
+    tens of thousands of endpoints share a few, checked on the event loop at
+    each swap): the endpoints sharing one get the same checked tuple, and a
+    value equal to one already checked but of another type (True == 1, a
+    bool is no count) is checked on its own and refused."""
+    from l4proxy.dataplane._pool_py import EndpointSettings, checked_endpoint_settings
+
+    many = {(f"10.0.0.{i}", 80): (5, 30, 2.5) for i in range(1, 200)}
+    out = checked_endpoint_settings(many)
+    assert len(out) == 199 and len({id(v) for v in out.values()}) == 1
+    assert out[("10.0.0.7", 80)] == EndpointSettings(5, 30.0, 2.5)
+    assert isinstance(out[("10.0.0.7", 80)].idle_timeout, float)
+    with pytest.raises(ValueError, match="max_requests must be an int"):
+        checked_endpoint_settings(
+            {("10.0.0.1", 80): (1, 30, 2.5), ("10.0.0.2", 80): (True, 30, 2.5)}
+        )
+    with pytest.raises(ValueError, match="idle_timeout must be a finite"):
+        checked_endpoint_settings({("a", 1): (1, 1, 1), ("b", 1): (1, True, 1)})

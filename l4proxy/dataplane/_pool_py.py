@@ -130,9 +130,17 @@ def checked_endpoint_settings(
     number of seconds above 0, a ``report_5xx`` not a bool."""
     out: dict[tuple[str, int], EndpointSettings] = {}
     n_fields = len(EndpointSettings._fields)
+    # each distinct value checked once: a table's tens of thousands of
+    # endpoints share a few (checked on the event loop at each swap)
+    # (by value and type: True == 1, yet a bool is no count)
+    seen: dict[tuple[Any, ...], EndpointSettings] = {}
     for key, value in settings.items():
         host, port = key
         value = tuple(value)
+        typed = (value, tuple(map(type, value)))
+        if (done := seen.get(typed)) is not None:
+            out[(str(host), int(port))] = done
+            continue
         if not 3 <= len(value) <= n_fields:
             raise ValueError(f"{host}:{port}: 3 to {n_fields} settings, not {len(value)}")
         s = EndpointSettings(*value)
@@ -151,7 +159,7 @@ def checked_endpoint_settings(
                 )
         if not isinstance(s.report_5xx, bool):
             raise ValueError(f"{host}:{port}: report_5xx must be a bool, not {s.report_5xx!r}")
-        out[(str(host), int(port))] = s._replace(
+        out[(str(host), int(port))] = seen[typed] = s._replace(
             idle_timeout=float(s.idle_timeout), connect_timeout=float(s.connect_timeout)
         )
     return out

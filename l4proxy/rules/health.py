@@ -158,6 +158,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -259,7 +260,7 @@ class EndpointHealth:
         other endpoint takes the sidecar's own detection. The endpoints'
         counts and ejections are kept: a reload must not forget that a pod
         is down, nor that it is failing."""
-        if dict(policies) == self._policies:
+        if policies == self._policies:  # (no copy: tens of thousands at a swap)
             return
         old = self._params
         self._policies = dict(policies)
@@ -392,7 +393,11 @@ class EndpointHealth:
     def retain(self, endpoints: Iterable[_EndpointLike]) -> int:
         """Forget every endpoint but *endpoints* (those the live table names);
         returns how many were forgotten."""
-        keep = {(ep.address, ep.port) for ep in endpoints}
+        return self.retain_keys({(ep.address, ep.port) for ep in endpoints})
+
+    def retain_keys(self, keep: AbstractSet[tuple[str, int]]) -> int:
+        """:meth:`retain` of the (address, port) pairs *keep* (a table's
+        ``named_endpoints()``, made with it: nothing built at the swap)."""
         gone = [key for key in self._states if key not in keep]
         for key in gone:
             del self._states[key]

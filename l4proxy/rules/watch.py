@@ -280,11 +280,12 @@ def _expand_without_gc(base: RouteTable, states: Mapping[str, NameState]) -> Rou
     over a DNS change 176 ms with the collector running, 37 ms paused (what
     is left: one young-generation pass over the new table once it runs
     again). A table forms no cycles: reference counting frees the one it
-    replaces."""
+    replaces. The table is prepared here too (RouteTable.prepare): what
+    the worker's swap hooks read of it, which they computed on the loop."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return resolved_table(base, states)
+        return resolved_table(base, states).prepare()  # (what the swap's hooks read)
     finally:
         if was_enabled:
             gc.enable()
@@ -961,7 +962,11 @@ class RuleWatcher:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._parse(fingerprint(self.paths) if fp is None else fp)
+            loaded = self._parse(fingerprint(self.paths) if fp is None else fp)
+            table = loaded.result.table if loaded.result is not None else None
+            if table is not None and not any(s.resolution == "DNS" for s in table.services()):
+                table.prepare()  # (what the swap's hooks read; else its expansion's)
+            return loaded
         finally:
             if was_enabled:
                 gc.enable()

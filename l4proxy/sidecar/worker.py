@@ -554,7 +554,7 @@ class Worker:
             )
             _describe_istio(self.relay_counters)
             rules.on_publish.append(self._retain_pooled_endpoints)
-            self.relay.retain_endpoints(_named_endpoints(rules.state.table))
+            self.relay.retain_endpoints(rules.state.table.named_endpoints())
         else:
             # a field never silently ignored: this mode cannot time a request
             rules.on_publish.append(_warn_ignored_timeouts)
@@ -2018,9 +2018,9 @@ class Worker:
         """A new table is live: outlier state of endpoints it no longer names
         (pods gone, addresses rotated) is dropped, or churn grew it for ever;
         the DestinationRules' outlierDetection per endpoint is the table's."""
-        self.health.retain(ep for svc in table.services() for ep in svc.endpoints)
+        named = table.named_endpoints()  # (made with the table: RouteTable.prepare)
+        self.health.retain_keys(named)
         self.health.configure(table.outlier_policies())
-        named = _named_endpoints(table)
         for key in [k for k in self.cx_overflows if k not in named]:
             del self.cx_overflows[key]
 
@@ -2029,7 +2029,7 @@ class Worker:
         connections of endpoints it no longer names (a pod a reload removed),
         which would otherwise hold the pod's drain for --pool-idle-timeout."""
         if self.relay is not None:
-            self.relay.retain_endpoints(_named_endpoints(table))
+            self.relay.retain_endpoints(table.named_endpoints())
 
     def _apply_pool_settings(self, table: RouteTable) -> None:
         """A new table is live (loop): each endpoint's connectionPool settings
@@ -2042,18 +2042,24 @@ class Worker:
         # others reports nothing)
         report_5xx = {ep for ep, p in table.outlier_policies().items() if p.counts_statuses}
         settings: dict[tuple[str, int], EndpointSettings] = {}
+        # resolved once per distinct rule settings (tens of thousands of
+        # endpoints share a few; this runs on the loop at each swap)
+        made: dict[tuple[PoolSettings, bool], EndpointSettings] = {}
         for ep in by_rules.keys() | report_5xx:
-            r = by_rules.get(ep, NO_POOL_SETTINGS).resolved(flags)  # (every field set)
-            assert r.max_requests is not None and r.idle_timeout and r.connect_timeout
-            settings[ep] = EndpointSettings(
-                r.max_requests,
-                r.idle_timeout,
-                r.connect_timeout,
-                ep in report_5xx,
-                r.max_connections or 0,
-                r.max_pending or 0,
-                r.max_active or 0,
-            )
+            key = (by_rules.get(ep, NO_POOL_SETTINGS), ep in report_5xx)
+            if (e := made.get(key)) is None:
+                r = key[0].resolved(flags)  # (every field set)
+                assert r.max_requests is not None and r.idle_timeout and r.connect_timeout
+                e = made[key] = EndpointSettings(
+                    r.max_requests,
+                    r.idle_timeout,
+                    r.connect_timeout,
+                    key[1],
+                    r.max_connections or 0,
+                    r.max_pending or 0,
+                    r.max_active or 0,
+                )
+            settings[ep] = e
         self._connect_timeouts = {ep: e.connect_timeout for ep, e in settings.items()}
         self._max_connections = {
             ep: e.max_connections for ep, e in settings.items() if e.max_connections
@@ -2452,13 +2458,6 @@ class Worker:
 
 # Outlier reports queued for the event loop at most (_endpoint_report)
 _MAX_REPORTS = 65536
-
-
-def _named_endpoints(table: RouteTable) -> set[tuple[str, int]]:
-    """Every (address, port) *table* routes to, over all its services: an
-    endpoint that moves to another service, or that two services share,
-    keeps its pooled connections."""
-    return {(ep.address, ep.port) for svc in table.services() for ep in svc.endpoints}
 
 
 def _cluster(service: Service | None) -> str:
