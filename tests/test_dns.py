@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import socket
 import struct
@@ -1789,3 +1790,78 @@ def test_stop_cancels_a_late_load_being_expanded(
 
     asyncio.run(main())
     assert w.state.generation == 1 and w.state.table.services()[0].ports[0].number == 8080
+
+
+def test_a_dns_swap_hands_the_hooks_a_prepared_frozen_table(
+    fake_dns: FakeDns, tmp_path: Path
+) -> None:
+    """At a DNS swap the worker's hooks computed on the loop what they read
+    of the new table (every endpoint it names, its pool settings and outlier
+    policies: ~270-320 ms there with 54,000 entries), and the collector then
+    examined the new table's objects on the loop in a young, a middle and a
+    full pass (2 x ~70 ms). Now the table comes prepared from the expansion's
+    thread (RouteTable.prepare) and frozen with the heap (lean): the hooks'
+    effects hold (outlier state and overflow counts of the endpoints gone
+    are dropped), computed nowhere on the loop's thread (counted), and the
+    table's objects are in no generation the collector examines."""
+    from l4proxy.sidecar.worker import Worker, WorkerOptions
+
+    services, ports, addresses = 20, 2, 5
+    (tmp_path / "rules.yaml").write_text(_big_rules(services, ports))
+    fake_dns.zone = _zone(services, addresses, 1)
+    computed: list[str] = []
+    real_pools, real_outliers = (
+        RouteTable._compute_pool_settings,
+        RouteTable._compute_outlier_policies,
+    )
+
+    def pools(self: RouteTable) -> Any:
+        computed.append(threading.current_thread().name)
+        return real_pools(self)
+
+    def outliers(self: RouteTable) -> Any:
+        computed.append(threading.current_thread().name)
+        return real_outliers(self)
+
+    async def main() -> None:
+        w = RuleWatcher([str(tmp_path)], resolver=_resolver(fake_dns, tmp_path, timeout=2.0))
+        assert w.load_now()
+        worker = Worker([], w, WorkerOptions())
+        prepared: list[bool] = []
+        w.on_publish.insert(0, lambda t: prepared.append(t._named_endpoints is not None))
+        try:
+            assert await w.refresh_dns()
+            gone = Endpoint("10.1.0.1", 8000)
+            assert (gone.address, gone.port) in w.state.table.named_endpoints()
+            worker.health.failure(gone, "refused")
+            worker.cx_overflows[(gone.address, gone.port)] = 3
+            assert worker.health.describe(gone)["consecutive_failures"] == 1
+            for st in w.dns.names.values():
+                st.next_at = 0
+            fake_dns.zone = _zone(services, addresses, 2)  # every address changed
+            computed.clear()
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(RouteTable, "_compute_pool_settings", pools)
+                mp.setattr(RouteTable, "_compute_outlier_policies", outliers)
+                assert await w.refresh_dns()
+            table = w.state.table
+            named = table.named_endpoints()
+            assert len(named) == services * 2 * addresses * ports
+            assert (gone.address, gone.port) not in named
+            # the hooks' effects: the gone endpoint's state and count dropped
+            assert worker.health.describe(gone)["consecutive_failures"] == 0
+            assert (gone.address, gone.port) not in worker.cx_overflows
+            # prepared in the thread: nothing computed on the loop's thread
+            assert prepared and all(prepared), prepared
+            assert computed and all(n.startswith("l4proxy-rules-dns") for n in computed), computed
+            # frozen: tracked, in no generation the collector examines
+            svc = table.services()[0]
+            assert gc.is_tracked(svc.endpoints) or gc.is_tracked(svc)
+            young = {id(o) for o in gc.get_objects()}
+            assert gc.get_freeze_count() > 0
+            assert id(svc) not in young and id(table.__dict__) not in young
+        finally:
+            worker.close()
+            gc.unfreeze()
+
+    asyncio.run(main())

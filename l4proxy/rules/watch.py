@@ -162,6 +162,7 @@ from l4proxy.rules.dns import (
     ttl_bounds_from_env,
 )
 from l4proxy.rules.routing import RouteTable
+from l4proxy.sidecar.lean import collect_unfrozen, freeze_new_table
 from l4proxy.stats import Counters
 
 log = logging.getLogger("l4proxy.rules")
@@ -281,11 +282,21 @@ def _expand_without_gc(base: RouteTable, states: Mapping[str, NameState]) -> Rou
     is left: one young-generation pass over the new table once it runs
     again). A table forms no cycles: reference counting frees the one it
     replaces. The table is prepared here too (RouteTable.prepare): what
-    the worker's swap hooks read of it, which they computed on the loop."""
+    the worker's swap hooks read of it, which they computed on the loop.
+    That young pass (made in this thread, where it ran again, the GIL held:
+    56-160 ms with 54,000 entries) and the middle and full ones that
+    followed as the table aged are gone too: the heap is frozen with the
+    new table in it (l4proxy.sidecar.lean: collect_unfrozen before,
+    freeze_new_table after)."""
     was_enabled = gc.isenabled()
+    if was_enabled:
+        collect_unfrozen()
     gc.disable()
     try:
-        return resolved_table(base, states).prepare()  # (what the swap's hooks read)
+        table = resolved_table(base, states).prepare()  # (what the swap's hooks read)
+        if was_enabled:
+            freeze_new_table()  # no pass of the collector over it (lean)
+        return table
     finally:
         if was_enabled:
             gc.enable()
