@@ -1865,3 +1865,58 @@ def test_a_dns_swap_hands_the_hooks_a_prepared_frozen_table(
             gc.unfreeze()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("address", "is_address"),
+    [
+        ("10.0.0.1", True),
+        ("0.0.0.0", True),
+        ("1234", False),  # inet_aton's forms: names to the resolver, as before
+        ("1.2.3", False),
+        ("127.1", False),
+        ("0x7f.0.0.1", False),
+        ("10.0.0.256", False),
+        ("01.2.3.4", False),
+        ("1.2.3.4.", False),  # a trailing dot: a name
+        ("1..2.3", False),
+        ("", False),
+        ("٣.١.٢.٣", False),  # digits to str.isdigit, not to ipaddress
+        ("１.２.３.４", False),
+        ("::1", True),
+        ("::ffff:10.0.0.1", True),  # IPv4-mapped
+        ("fe80::1%eth0", True),  # a zone id
+        ("[::1]", False),  # bracketed: not an address
+        ("1.2.3.4%eth0", False),
+        ("1.2.3.4:80", False),
+        ("svc-1.test.", False),
+        ("1e3", False),
+    ],
+)
+def test_a_host_name_is_told_from_an_address_as_ipaddress_tells_them(
+    address: str, is_address: bool
+) -> None:
+    """dns_names and _resolved skip ipaddress's parse for what cannot be an
+    address (no colon, a character other than a digit or a dot): each form,
+    all-digit names and inet_aton's shorthands included, is told as
+    ipaddress.ip_address tells it."""
+    from l4proxy.rules.dns import _is_ip
+
+    try:
+        ipaddress.ip_address(address)
+        parsed = True
+    except ValueError:
+        parsed = False
+    assert _is_ip(address) is parsed is is_address
+
+
+@given(st.text(alphabet="0123456789.:abcdefx%[] ٣２²", max_size=20))
+def test_the_name_test_agrees_with_ipaddress_on_any_string(address: str) -> None:
+    from l4proxy.rules.dns import _is_ip
+
+    try:
+        ipaddress.ip_address(address)
+        parsed = True
+    except ValueError:
+        parsed = False
+    assert _is_ip(address) is parsed
