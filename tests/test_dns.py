@@ -1920,3 +1920,52 @@ def test_the_name_test_agrees_with_ipaddress_on_any_string(address: str) -> None
     except ValueError:
         parsed = False
     assert _is_ip(address) is parsed
+
+
+def test_frozen_dns_swaps_leave_no_replaced_table_behind(
+    fake_dns: FakeDns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DNS expansion freezes the heap with its table in it (lean), and the
+    heap is collected whole only every FULL_PASS_EVERY expansions: a table
+    that formed a reference cycle would stay, frozen, until then (fifteen
+    tables of tens of thousands of entries). Each table a swap replaces is
+    freed by reference counting at once: after fewer swaps than
+    FULL_PASS_EVERY, no collection run, none of them is left."""
+    import weakref
+
+    from l4proxy.sidecar import lean
+
+    monkeypatch.setattr(lean, "_expansions", 0)  # (no full pass in this test)
+    services, ports, addresses = 10, 2, 3
+    (tmp_path / "rules.yaml").write_text(_big_rules(services, ports))
+    fake_dns.zone = _zone(services, addresses, 1)
+    swaps = lean.FULL_PASS_EVERY // 2
+
+    async def main() -> list[weakref.ref[RouteTable]]:
+        w = RuleWatcher([str(tmp_path)], resolver=_resolver(fake_dns, tmp_path, timeout=2.0))
+        assert w.load_now()
+        replaced: list[weakref.ref[RouteTable]] = []
+        try:
+            for i in range(swaps):
+                for name in w.dns.names.values():
+                    name.next_at = 0
+                fake_dns.zone = _zone(services, addresses, 2 + i)
+                live = w.state.table
+                assert await w.refresh_dns()
+                assert w.state.table is not live and gc.get_freeze_count() > 0
+                if live is not w.base:
+                    replaced.append(weakref.ref(live))
+                del live
+        finally:
+            await w.stop()
+        return replaced
+
+    was = gc.isenabled()
+    try:
+        replaced = asyncio.run(main())
+        assert len(replaced) >= swaps - 1
+        assert [r for r in replaced if r() is not None] == []
+    finally:
+        gc.unfreeze()
+        if was:
+            gc.enable()
