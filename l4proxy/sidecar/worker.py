@@ -431,6 +431,12 @@ class Worker:
         self.local_ips: set[str] = set()
         self.listener_ports: set[int] = set()
         self.handshakes: set[asyncio.Task[None]] = set()
+        # connections a relay's thread handed to the event loop whose call
+        # has not run yet (_hand_to_loop): in no handshake and in no relay,
+        # a drain waits for them too (_settle), or its pump stopped taking
+        # connections before they came (a reset at a hand-over)
+        self._to_loop = 0
+        self._to_loop_lock = threading.Lock()
         # the connections whose first head _peek awaits, none of it come
         # yet (fd -> _Unused): a drain closes them (_close_unused)
         self._unused: dict[int, _Unused] = {}
@@ -886,7 +892,12 @@ class Worker:
             if serving_inbound and t >= self.inbound_until:
                 await self.stop_accepting(keep=outbound, until=deadline)
                 serving_inbound = False
-            idle = self.pump.active == 0 and not self.handshakes and self.relay_active() == 0
+            idle = (
+                self.pump.active == 0
+                and not self.handshakes
+                and not self._to_loop
+                and self.relay_active() == 0
+            )
             if not idle:
                 busy_at = t
             # quiet since the last connection closed, not since the last one
@@ -940,8 +951,7 @@ class Worker:
     async def _finish(self, deadline: float, close_by: float | None) -> int:
         """A drain's end, its listeners closed: the connections in flight
         finish until *deadline*; those left then are cut (how many)."""
-        if self.handshakes:
-            await asyncio.wait(set(self.handshakes), timeout=max(0.0, deadline - time.monotonic()))
+        await self._settle(deadline)
         while self.relay_active() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # requests in flight in the relay finish
         cut = 0
@@ -950,11 +960,27 @@ class Worker:
             # stays for the lines of the pump's connections
             wait = 10.0 if close_by is None else max(0.0, close_by - time.monotonic())
             cut = self.relay.close(access_log=not self._log_l4, wait=wait)
+            # what its thread handed to the loop before it ended goes to the
+            # pump before the pump drains (its call had not run yet)
+            await self._settle(deadline)
         forced = await self._drain_pump(deadline)
         self._close_access_log()
         if cut + forced:
             self.counters.inc("l4proxy_drain_cut_total", cut + forced)
         return cut + forced
+
+    async def _settle(self, deadline: float) -> None:
+        """The connections on their way to the pump end their way (until
+        *deadline*): the handshakes, and the connections a relay's thread
+        handed to the loop whose call has not run yet (it makes their
+        handshake, or adds them to the pump)."""
+        while (self.handshakes or self._to_loop) and time.monotonic() < deadline:
+            if self.handshakes:
+                await asyncio.wait(
+                    set(self.handshakes), timeout=max(0.0, deadline - time.monotonic())
+                )
+            else:
+                await asyncio.sleep(0.005)  # (the call runs at the loop's next turn)
 
     def reopen_access_log(self, fd: int) -> bool:
         """SIGUSR1: the access log's lines (HTTP and L4 alike: one writer,
@@ -2155,7 +2181,7 @@ class Worker:
     def _relay_accepted(self, conn: socket.socket, index: int) -> None:
         """A connection the relay accepted that is not HTTP for it (relay
         thread): the general path, on the event loop."""
-        if not self._on_loop(self._serve_accepted, conn, index):
+        if not self._hand_to_loop(self._serve_accepted, conn, index):
             _reset(conn)
 
     def _serve_accepted(self, conn: socket.socket, index: int) -> None:
@@ -2171,6 +2197,26 @@ class Worker:
         """A connection the relay closed without routing it (relay thread):
         counted as the L4 path counts its refusals (a slow head: header_timeout)."""
         self.relay_counters.inc("l4proxy_refused_total", reason=why)
+
+    def _hand_to_loop(self, fn: Any, *args: Any) -> bool:
+        """A relay's thread hands a connection to the loop: *fn* (which
+        makes its handshake or gives it to the pump at once) runs there, the
+        connection counted in ``_to_loop`` until then (a drain waits for it).
+        False: the loop is gone, nothing runs."""
+        with self._to_loop_lock:
+            self._to_loop += 1
+        if self._on_loop(self._took_from_thread, fn, *args):
+            return True
+        with self._to_loop_lock:
+            self._to_loop -= 1
+        return False
+
+    def _took_from_thread(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self._to_loop_lock:
+                self._to_loop -= 1
 
     def _on_loop(self, fn: Any, *args: Any) -> bool:
         loop = self._loop
@@ -2285,7 +2331,7 @@ class Worker:
         counted = endpoint if upstream is not None else None
         if counted is not None:
             self._count(counted, 1)
-        if not self._on_loop(
+        if not self._hand_to_loop(
             self._after_relay, client, upstream, to_client, to_upstream, origin, counted
         ):
             client.close()
