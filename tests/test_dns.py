@@ -1500,13 +1500,7 @@ def test_an_expansion_that_fails_is_logged_and_the_table_live_keeps_serving(
     change's expansion, nor the DNS task."""
     from l4proxy.rules import watch as rulewatch
 
-    real = rulewatch.resolved_table
-    failures = [RuntimeError("an expansion bug")]
-
-    def flaky(base: RouteTable, states: Any) -> RouteTable:
-        if failures:
-            raise failures.pop()
-        return real(base, states)
+    flaky, failures = _failing_once(rulewatch.resolved_table)
 
     fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.1"]
     rules = tmp_path / "rules.yaml"
@@ -1668,13 +1662,7 @@ def test_an_expansion_that_failed_is_made_again_at_the_next_refresh_without_a_ch
     good. The next refresh, answers unchanged, makes it again."""
     from l4proxy.rules import watch as rulewatch
 
-    real = rulewatch.resolved_table
-    failures = [RuntimeError("an expansion bug")]
-
-    def flaky(base: RouteTable, states: Any) -> RouteTable:
-        if failures:
-            raise failures.pop()
-        return real(base, states)
+    flaky, failures = _failing_once(rulewatch.resolved_table)
 
     fake_dns.zone[("a.test", wire.TYPE_A)] = ["127.0.0.1"]
     rules = tmp_path / "rules.yaml"
@@ -1969,3 +1957,17 @@ def test_frozen_dns_swaps_leave_no_replaced_table_behind(
         gc.unfreeze()
         if was:
             gc.enable()
+
+
+def _failing_once(real: Any) -> tuple[Any, list[RuntimeError]]:
+    """*real* (resolved_table), whose first call raises (an expansion bug),
+    and the failures still to raise (empty once it raised)."""
+    failures = [RuntimeError("an expansion bug")]
+
+    def flaky(base: RouteTable, states: Any) -> RouteTable:
+        if failures:
+            raise failures.pop()
+        result: RouteTable = real(base, states)
+        return result
+
+    return flaky, failures
