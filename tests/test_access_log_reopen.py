@@ -281,6 +281,9 @@ def test_a_failing_reopen_is_said_once_until_one_succeeds(
         log_file.rmdir()
         car.proc.send_signal(signal.SIGUSR1)
         car.wait_said(f"--access-log {log_file}: reopened again, after 10 reopen(s) that failed")
+        if mode != ("--single-process",):  # (the supervisor said it; each worker reopens after)
+            for w in ("[w0]", "[w1]"):
+                car.wait_said(f"{w} SIGUSR1: --access-log {log_file} reopened")
         assert car.request("m-0") == 200
         car.wait_lines(1)
         log_file.rename(tmp_path / "access.log.2")
