@@ -9517,8 +9517,12 @@ cdef class HttpRelay:
         set_mask(R, l.fd, &l.mask, sys_.EPOLLIN, l)  # (refused: watch_listeners() asks again)
 
     def unlisten(self, int index, double timeout=2.0):
-        """Stop accepting on the listener *index*; returns once the loop has
-        (then the caller may close it)."""
+        """Stop accepting on the listener *index*: True once the loop has
+        (then the caller may close it; one never listened to, or let go of
+        already, too), False if it had not within *timeout* seconds. Timeout
+        0 asks and returns at once: :meth:`listening` says when the loop has
+        let go (the worker polls it from its event loop, which a wait here
+        would hold)."""
         cdef Relay *R = self.R
         cdef int i
         import time as _time
@@ -9528,7 +9532,7 @@ cdef class HttpRelay:
             if not self._started or self._closed or not self._thread.is_alive():
                 set_mask(R, R.lsts[i].fd, &R.lsts[i].mask, 0, R.lsts[i])
                 R.lsts[i].removed = True
-                return
+                return True
             sys_.pthread_mutex_lock(&R.lock)
             R.unlisten |= (<uint32_t>1) << i
             sys_.pthread_mutex_unlock(&R.lock)
@@ -9536,7 +9540,24 @@ cdef class HttpRelay:
             deadline = _time.monotonic() + timeout
             while not R.lsts[i].removed and _time.monotonic() < deadline:
                 _time.sleep(0.001)
-            return
+            return bool(R.lsts[i].removed)
+        return True
+
+    def listening(self, int index):
+        """Whether the loop still accepts on the listener *index* (listen()
+        and no unlisten() applied yet: the loop's thread applies one at its
+        next turn; one whose thread is gone is let go of here)."""
+        cdef Relay *R = self.R
+        cdef int i
+        for i in range(R.n_lsts):
+            if R.lsts[i].index != index or R.lsts[i].removed:
+                continue
+            if self._started and (self._closed or not self._thread.is_alive()):
+                set_mask(R, R.lsts[i].fd, &R.lsts[i].mask, 0, R.lsts[i])
+                R.lsts[i].removed = True
+                return False
+            return True
+        return False
 
     def set_external_active(self, int64_t n):
         """The worker's connections outside this relay, for max_connections."""

@@ -183,6 +183,12 @@ NOT_LISTENING_PAUSE_S = 1.0  # a listener accept() says EINVAL of: not watched t
 # every drain to its deadline. Where sock_diag cannot be asked: this long.
 HANDSHAKE_GRACE_S = 3.0
 RETIRE_POLL_S = 0.02
+# The compiled relay's loop lets go of a listener the worker stops accepting
+# on at its next turn (HttpRelay.unlisten); the event loop polls for that
+# each UNLISTEN_POLL_S, for UNLISTEN_WAIT_S at most (a stuck relay thread:
+# the listener closes anyway), where unlisten() waited, holding the loop.
+UNLISTEN_POLL_S = 0.001
+UNLISTEN_WAIT_S = 2.0
 # A drain closes a connection whose first request head has not begun (a
 # never-used one: _Unused) once it was taken this long ago, as the relay's
 # drain leaves a connection this young for its first head (DRAIN_FRESH_S,
@@ -713,9 +719,16 @@ class Worker:
         assert self._loop is not None
         closing = [lst for lst in self.listeners if lst.mode not in keep]
         self.listeners = [lst for lst in self.listeners if lst.mode in keep]
+        asked = []
         for lst in closing:
             _refuse_handshakes(lst.sock)
-            self._stop_accepting_on(lst)
+            asked.append(self._stop_accepting_on(lst))
+        try:
+            await self._relay_let_go(asked)
+        except asyncio.CancelledError:  # (Worker.close): in no list any more
+            for lst in closing:
+                _stop_listening(lst.sock)
+            raise
         if then is not None:
             then()
         if not closing:
@@ -728,19 +741,43 @@ class Worker:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    def _stop_accepting_on(self, lst: Listener) -> None:
-        """No accept on *lst* from here on, by the compiled relay's loop
-        (it lets go of the fd first) or by the event loop; its socket is
-        left open (stop_accepting retires it, hand_over closes it)."""
+    def _stop_accepting_on(self, lst: Listener) -> tuple[int, str] | None:
+        """No accept on *lst* from here on, by the event loop, and by the
+        compiled relay's loop once it lets go of the fd (asked here: the
+        index and name to await with :meth:`_relay_let_go`, None where it
+        never accepted there); its socket is left open (stop_accepting
+        retires it, hand_over closes it), and must stay open until then."""
         assert self._loop is not None
         index = self._relay_listeners.pop(lst.sock.fileno(), None)
-        if index is not None and self.relay is not None:
-            accepting: Any = self.relay  # the compiled twin (see start())
-            accepting.unlisten(index)
         try:
             self._loop.remove_reader(lst.sock.fileno())
         except (ValueError, OSError):
             pass
+        if index is None or self.relay is None:
+            return None
+        accepting: Any = self.relay  # the compiled twin (see start())
+        accepting.unlisten(index, 0.0)
+        return index, lst.name
+
+    async def _relay_let_go(self, asked: list[tuple[int, str] | None]) -> None:
+        """Until the compiled relay's loop has let go of the listeners
+        *asked* (:meth:`_stop_accepting_on`), UNLISTEN_WAIT_S at most,
+        polled from the event loop: unlisten() waited for it, and held the
+        loop (the admin endpoint, the watchdog's pings, the L4 connections,
+        signals) 2 s per listener where the relay's thread was stuck."""
+        accepting: Any = self.relay
+        left = [a for a in asked if a is not None and accepting.listening(a[0])]
+        until = time.monotonic() + UNLISTEN_WAIT_S
+        while left and time.monotonic() < until:
+            await asyncio.sleep(UNLISTEN_POLL_S)
+            left = [a for a in left if accepting.listening(a[0])]
+        if left:
+            log.warning(
+                "the relay's thread did not stop accepting on %s within %.0fs "
+                "(stuck?): they close anyway",
+                ", ".join(name for _, name in left),
+                UNLISTEN_WAIT_S,
+            )
 
     async def _retire(self, closing: list[Listener], until: float) -> None:
         """stop_accepting's step 3: take what *closing*'s queues hold until
@@ -940,9 +977,11 @@ class Worker:
         deadline = now + timeout
         self.inbound_until = deadline
         handing, self.listeners = self.listeners, []
-        for lst in handing:
-            self._stop_accepting_on(lst)
-            lst.sock.close()  # (not the last copy: the supervisor's, the successor's)
+        try:
+            await self._relay_let_go([self._stop_accepting_on(lst) for lst in handing])
+        finally:
+            for lst in handing:  # (not the last copy: the supervisor's, the successor's)
+                lst.sock.close()
         if self.relay is not None:
             self.relay.drain(spread=timeout / 4 if gradual else 0.0)
         self._close_unused(gateway_only=False)
