@@ -196,6 +196,36 @@ def test_a_list_at_its_bound_loads_and_one_past_it_is_refused_at_its_line(
     assert (err.file, err.line) == (str(past), line_of(make(bound + 1), key)), str(err)
 
 
+def test_an_empty_rules_list_is_refused_and_a_route_without_rules_has_the_default_rule(
+    tmp_path: Path,
+) -> None:
+    """HTTPRoute's spec.rules: minItems 1, and by default one rule
+    matching PathPrefix / (gateway-api apis/v1/httproute_types.go). The
+    default fills a field left out or null, not an empty list, so an API
+    server refuses ``rules: []``: an error at its line, where it loaded as
+    the default rule. Left out or null: that rule, every request answered
+    500 (no backend)."""
+    empty = tmp_path / "empty.yaml"
+    text = HEAD + MESH + "  rules: []\n"
+    empty.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_rules([str(empty), PER_VERSION])
+    [err] = info.value.errors
+    assert "spec.rules is empty; the API wants 1 rule at least (the CRD's minItems" in err.message
+    assert (err.file, err.line) == (str(empty), line_of(text, "rules: []")), str(err)
+    for i, without in enumerate(
+        (HEAD + MESH, HEAD + MESH + "  rules:\n", HEAD + MESH + "  rules: null\n")
+    ):
+        f = tmp_path / f"without{i}.yaml"
+        f.write_text(without)
+        table = load_rules([str(f), PER_VERSION]).table
+        svc = table.service(HOST)
+        assert svc is not None
+        for path in ("/", "/any/path"):
+            d = table.decide(svc, 8080, Request(path=path))
+            assert (d.route, d.endpoints, d.status) == ("bootcamp", [], 500), (without, path, d)
+
+
 def test_a_long_list_is_refused_before_its_items_are_read(tmp_path: Path) -> None:
     """17 rules each wrong: one error, the bound's (not 17 more)."""
     f = tmp_path / "r.yaml"

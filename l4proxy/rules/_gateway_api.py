@@ -57,7 +57,9 @@ A path match's Exact or PathPrefix value is held to the CRD's validation
 (:func:`_path_value`), and a header match's value may not hold CR, LF or
 NUL: what the API server would refuse is an error at its line. So are the
 CRDs' list bounds (maxItems, and the CEL rule of 128 matches a route:
-:func:`_bounded`, :func:`_route_matches`), read before the list's items,
+:func:`_bounded`, :func:`_route_matches`; HTTPRoute's ``rules: []``, its
+minItems 1: the API's default rule is for a route without rules), read
+before the list's items,
 parentRefs to one parent that do not tell themselves apart
 (:func:`_distinct_parents`) and a rule name given twice.
 
@@ -459,6 +461,14 @@ def read_http_route(ctx: Ctx, obj: dict[str, Any], env: Env) -> HttpRouteDraft |
             hostnames.append(got_h)
     raw_rules = _bounded(ctx, spec.get("rules"), ("spec", "rules"), MAX_RULES, "rules")
     if raw_rules is None or not _route_matches(ctx, raw_rules):
+        return None
+    if spec.get("rules") == []:  # (an explicit empty list: the CRD's default is not applied)
+        ctx.error(
+            ("spec", "rules"),
+            "spec.rules is empty; the API wants 1 rule at least (the CRD's minItems: an API "
+            "server refuses the object); without rules (none given, or null) a route has the "
+            "API's default, one rule that matches every request, to no backend (500)",
+        )
         return None
     if not raw_rules:
         raw_rules = [{}]  # the API's default: one rule, every request, no backend (404 → 500)
