@@ -1165,7 +1165,8 @@ class _Leaving:
     supervisor's stop came meanwhile (a SIGTERM to the whole process
     group: a drain after all).
 
-    Such a worker is also asked ``final`` (once it said that it leaves):
+    Such a worker is also asked ``final`` (once it said that it leaves),
+    and so is every worker told ``stopping`` (Supervisor._stop_one): it is
     answered as it exits, its drain done and the worker closed
     (:meth:`finish`), with its counters as a ``stats`` answer has them,
     so that what it counted since the supervisor's last scrape of it (the

@@ -171,6 +171,11 @@ class WorkerSlot:
     counted_pid: int | None = None
     last: Sample = field(default_factory=Sample)
     base: Sample = field(default_factory=Sample)
+    # the stop's: its worker's answer to ``final`` (Supervisor._stop_one),
+    # its counts as it exits, and the process they were taken for: a stats
+    # answer of that process that comes after them is older (count)
+    final: asyncio.Future[Any] | None = None
+    final_pid: int | None = None
 
     def count(
         self,
@@ -181,7 +186,7 @@ class WorkerSlot:
         """Take *answer* (None: the worker did not answer) as the counts of
         process *pid* (the one that was asked: the slot may have a new one
         since); the last counts of the process before it go to the base."""
-        if answer is None:
+        if answer is None or (pid is not None and pid == self.final_pid):
             return
         if self.counted_pid is not None and self.counted_pid != pid:
             self.base.add(self.last.without(is_gauge))
@@ -456,6 +461,7 @@ class Supervisor:
             proc.kill()
             raise
         slot.link = link
+        slot.final = None
         slot.notice = link.tell("leaving")  # (answered at its SIGTERM: _wait_worker)
         if self.log_spec:  # (no await since slot.link: a /logging now asks this link too)
             ask = asyncio.ensure_future(link.ask(f"logging {self.log_spec}", None))
@@ -532,7 +538,9 @@ class Supervisor:
                     self.restarts_total += 1
                 first = False
                 if self.stopping and proc.returncode is None:
-                    self._stop_one(proc, slot.link)  # started while the stop began: drain it too
+                    self._stop_one(
+                        proc, slot.link, slot
+                    )  # started while the stop began: drain it too
                     if to_drain:
                         log.info(
                             "worker %d started to drain its listeners (pid %d)",
@@ -560,6 +568,8 @@ class Supervisor:
                     else:
                         slot.backoff = 0.1
                     continue
+                if self.stopping and slot.final is not None:
+                    await self._take_slot_final(slot, proc.pid)
                 if slot.link is not None:
                     slot.link.close()
                     self.late_answers_gone += slot.link.stale
@@ -736,21 +746,44 @@ class Supervisor:
         no matter: the Leaving is gone from its slot by then. Killed
         (its deadline, the watchdog) or dead, it gave none: its last
         scrape's stand."""
-        final = leaving.final
+        final = await self._final_counts(slot, leaving.final)
+        if final is not None:
+            leaving.last = final
+
+    async def _take_slot_final(self, slot: WorkerSlot, pid: int) -> None:
+        """*slot*'s worker, process *pid*, exited in the stop: its final
+        counts (its answer to ``final``, asked with the stop's
+        ``stopping``: _stop_one) are its last (count), in place of its
+        last scrape's, for the /stats scraped in the rest of the stop
+        (the other workers still draining): what it served after its last
+        scrape (its last requests, its drain's) was missing there, as a
+        leaving worker's was (_take_final). None answered (killed, dead):
+        its last scrape's stand."""
+        final = await self._final_counts(slot, slot.final)
+        slot.final = None
+        if final is not None:
+            slot.count(final, pid, self._is_gauge)
+            slot.final_pid = pid
+
+    async def _final_counts(
+        self, slot: WorkerSlot, final: asyncio.Future[Any] | None
+    ) -> Sample | None:
+        """The counts a worker answered to ``final`` (*final*, its exit
+        awaited), FINAL_WAIT_S at most; None: none, or not of the form."""
         if final is None:
-            return
+            return None
         try:
             answer = await asyncio.wait_for(asyncio.shield(final), self.FINAL_WAIT_S)
         except TimeoutError:
-            return
+            return None
         if answer is None:
-            return
+            return None
         decoded = await self._decode_stats(slot, answer, {})
         if decoded is None:
-            return
+            return None
         self.help_seen.update(decoded[2])
         self.labelled_seen.update(decoded[3])
-        leaving.last = decoded[0]
+        return decoded[0]
 
     async def _hand_over(
         self,
@@ -836,14 +869,21 @@ class Supervisor:
         return self.help_seen.get(name, ("counter",))[0] == "gauge"
 
     def _stop_one(
-        self, proc: asyncio.subprocess.Process | None, link: SupervisorEnd | None
+        self,
+        proc: asyncio.subprocess.Process | None,
+        link: SupervisorEnd | None,
+        slot: WorkerSlot | None = None,
     ) -> None:
         """The stop's SIGTERM to *proc*, told ``stopping`` first on its
-        channel (run._Leaving: not a SIGTERM of its own)."""
+        channel (run._Leaving: not a SIGTERM of its own); *slot*'s worker
+        (not one draining on its own SIGTERM, asked already) is asked for
+        its final counts too (_take_slot_final)."""
         if proc is None or proc.returncode is not None:
             return
         if link is not None:
             self._told(link.tell("stopping"))
+            if slot is not None and slot.link is link and slot.final is None:
+                slot.final = link.tell("final")
         try:
             os.kill(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -1245,8 +1285,9 @@ class Supervisor:
         # drain reset its queues.
         self._stop_deadline()  # (from the SIGTERM on)
         for slot in self.slots:  # (those draining on their own SIGTERM too: _see_out)
-            for proc, link in [(slot.proc, slot.link), *((v.proc, v.link) for v in slot.leaving)]:
-                self._stop_one(proc, link)
+            self._stop_one(slot.proc, slot.link, slot)
+            for v in slot.leaving:
+                self._stop_one(v.proc, v.link)
         await self._reap_all()
         for slot in self.slots:  # (whatever is left: a start that failed)
             self._let_go(slot)
