@@ -98,6 +98,7 @@ def test_the_drop_counter_is_in_stats() -> None:
             rules=SimpleNamespace(state=state),
             relay=relay,
             handshakes=set(),
+            in_transit=lambda: 0,
         )
         gauges = WorkerView(worker, "compiled").gauges()  # type: ignore[arg-type]
         dropped = relay.stats()["metrics_dropped"]

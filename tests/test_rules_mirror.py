@@ -615,6 +615,7 @@ def test_stats_gauges_say_the_relays_mirror_counters() -> None:
         rules=SimpleNamespace(state=state),
         relay=SimpleNamespace(stats=lambda: counted),
         handshakes=set(),
+        in_transit=lambda: 0,
     )
     gauges = WorkerView(worker, "pure").gauges()  # type: ignore[arg-type]
     assert {k: v for k, v in gauges.items() if "mirror" in k} == {

@@ -823,8 +823,11 @@ class WorkerView:
         }
         return {
             **relay,
+            # (what --max-connections bounds: Worker.connections_held, with
+            # the connections a relay's thread handed to the loop)
             "l4proxy_active_connections": ps.get("active", 0)
             + len(w.handshakes)
+            + w.in_transit()
             + rs.get("active", 0),
             "l4proxy_relayed_connections_total": ps.get("accepted", 0),
             "l4proxy_bytes_upstream_total": ps.get("bytes_upstream", 0),

@@ -442,7 +442,14 @@ class Worker:
         # a drain waits for them too (_settle), or its pump stopped taking
         # connections before they came (a reset at a hand-over)
         self._to_loop = 0
-        self._to_loop_lock = threading.Lock()
+        # held to count it, and by the loop as it moves a connection on
+        # (from _to_loop to a handshake, from a handshake to the pump): a
+        # relay's thread that counts what the worker holds under it
+        # (connections_held, --max-connections) counts each once
+        self._to_loop_lock = threading.RLock()
+        # the compiled relay accepts and checks --max-connections against
+        # its own connections and these others (_tell_relay_external)
+        self._relay_counts_others = False
         # the connections whose first head _peek awaits, none of it come
         # yet (fd -> _Unused): a drain closes them (_close_unused)
         self._unused: dict[int, _Unused] = {}
@@ -651,6 +658,7 @@ class Worker:
             self.relay.start()
             _test_hang_relay(self.relay)
         if relay_accepts and self.opts.max_connections:
+            self._relay_counts_others = True
             self._loop.call_soon(self._tell_relay_external)
 
     def refresh_local_addresses(self) -> None:
@@ -1158,12 +1166,45 @@ class Worker:
 
     def _tell_relay_external(self) -> None:
         """--max-connections: the relay counts its own connections; these
-        are the others (pump, handshakes), told every 50 ms."""
+        are the others (on their way to the loop, handshakes, pump), told
+        every 50 ms, and at once as its thread hands one to the loop
+        (_tell_relay_now)."""
         if self.relay is None or self._loop is None or not self._relay_listeners:
             return
-        accepting: Any = self.relay  # the compiled twin (see start())
-        accepting.set_external_active(self.pump.active + len(self.handshakes))
+        self._tell_relay_now()
         self._loop.call_later(0.05, self._tell_relay_external)
+
+    def _tell_relay_now(self) -> None:
+        """The compiled relay's count of the others (see
+        _tell_relay_external; any thread). Under ``_to_loop_lock``: a count
+        the loop made before a hand-over is not told after the relay's
+        thread told the one with it."""
+        if not self._relay_counts_others or not self._relay_listeners:
+            return
+        accepting: Any = self.relay  # the compiled twin (see start())
+        with self._to_loop_lock:
+            accepting.set_external_active(self._outside_relay())
+
+    def _outside_relay(self) -> int:
+        """The client connections held outside the relay: handed to the
+        loop by its thread (their call not run yet), in a handshake, in the
+        pump. Read in the order a connection moves from one to the next
+        (each added to the next before it leaves the last): a read on
+        another thread that races a move counts it twice, never not at
+        all; under ``_to_loop_lock``, once (the loop moves them under it)."""
+        return self._to_loop + len(self.handshakes) + self.pump.active
+
+    def in_transit(self) -> int:
+        """Connections a relay's thread handed to the loop whose call has
+        not run yet (in no handshake, in no relay: _hand_to_loop)."""
+        return self._to_loop
+
+    def connections_held(self) -> int:
+        """The client connections this worker holds: what --max-connections
+        bounds, and ``l4proxy_active_connections``. The relay's first: a
+        connection it hands to the loop leaves it before it is on its way
+        there (see _outside_relay)."""
+        return self.relay_active() + self._outside_relay()
 
     def relay_stalled(self) -> float:
         """Seconds the per-request relay's thread has gone without a turn
@@ -1317,7 +1358,7 @@ class Worker:
         self.counters.inc("l4proxy_connections_total", listener=lst.mode)
         self._last_accept = time.monotonic()
         limit = self.opts.max_connections
-        if limit and self.pump.active + len(self.handshakes) + self.relay_active() >= limit:
+        if limit and self.connections_held() >= limit:
             self.counters.inc("l4proxy_refused_total", reason="max_connections")
             _reset(conn)
             return
@@ -1759,7 +1800,14 @@ class Worker:
         if clog is not None:
             self._logged[token] = clog
         try:
-            self.pump.add(client_fd, upstream_fd, to_upstream, to_client, token=token)
+            # The pump counts the connection from now: its handshake no
+            # longer (its task's end is told a loop step later, and an
+            # accept in between would count the connection twice against
+            # --max-connections; a relay's thread counts under the lock)
+            with self._to_loop_lock:
+                self.pump.add(client_fd, upstream_fd, to_upstream, to_client, token=token)
+                with contextlib.suppress(RuntimeError):  # (no loop running: no task)
+                    self.handshakes.discard(asyncio.current_task())
         except BaseException:
             if token:
                 self._forget_token(token)
@@ -1768,11 +1816,6 @@ class Worker:
         if tcp is not None:
             self._tcp_open[token] = tcp
             self.counters.add_set(istio_metrics.TCP_OPENED, tcp)
-        # The pump counts the connection from now: its handshake no longer
-        # (its task's end is told a loop step later, and an accept in
-        # between would count the connection twice against --max-connections)
-        with contextlib.suppress(RuntimeError):  # (no loop running: no task)
-            self.handshakes.discard(asyncio.current_task())
 
     def _pump_ended(self) -> None:
         """The pump's ended_fd is readable (loop): connections that ended,
@@ -2219,7 +2262,19 @@ class Worker:
 
     def _relay_accepted(self, conn: socket.socket, index: int) -> None:
         """A connection the relay accepted that is not HTTP for it (relay
-        thread): the general path, on the event loop."""
+        thread): the general path, on the event loop. --max-connections
+        is checked again here, as _accepted checks it: the relay checked
+        its accept against a count of the others told up to 50 ms ago, and
+        the connections it handed to the loop since were in none (a burst
+        of TCP connections was served whole, past the limit)."""
+        limit = self.opts.max_connections
+        if limit:
+            with self._to_loop_lock:  # (none counted twice as the loop moves it on)
+                held = self.connections_held()
+            if held >= limit:
+                self.relay_counters.inc("l4proxy_refused_total", reason="max_connections")
+                _reset(conn)
+                return
         if not self._hand_to_loop(self._serve_accepted, conn, index):
             _reset(conn)
 
@@ -2244,17 +2299,22 @@ class Worker:
         False: the loop is gone, nothing runs."""
         with self._to_loop_lock:
             self._to_loop += 1
-        if self._on_loop(self._took_from_thread, fn, *args):
-            return True
-        with self._to_loop_lock:
-            self._to_loop -= 1
-        return False
+        handed = False
+        try:
+            handed = self._on_loop(self._took_from_thread, fn, *args)
+        finally:
+            if not handed:  # (or it raised: counted down all the same)
+                with self._to_loop_lock:
+                    self._to_loop -= 1
+        if handed:
+            self._tell_relay_now()  # (its next accept counts this one)
+        return handed
 
     def _took_from_thread(self, fn: Any, *args: Any) -> None:
-        try:
-            fn(*args)
-        finally:
-            with self._to_loop_lock:
+        with self._to_loop_lock:  # (its next place counts it as this count lets go)
+            try:
+                fn(*args)
+            finally:
                 self._to_loop -= 1
 
     def _on_loop(self, fn: Any, *args: Any) -> bool:
