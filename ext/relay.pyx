@@ -1865,6 +1865,8 @@ cdef struct Conn:
     unsigned char mixed            # the request's choice has a tag per endpoint (c.cand_tag)
     unsigned char gateway          # a gateway listener's connection (drain_conns: inbound)
     unsigned char draining         # no answer keeps the connection (see "Drain")
+    unsigned char continued        # the relay said 100 Continue to this request (body_here_read;
+                                   # c.holds set: conn_drop_held() clears it)
     signed char peer_len           # c.peer's length (conn_peer): 4, 16; 0: not asked yet,
     unsigned char peer[16]         #     -1: unknown (getpeername failed, not IP)
     uint16_t peer_port             # ... and its port (network order)
@@ -3124,8 +3126,8 @@ cdef bint fast_head(const unsigned char *buf, Head *h) noexcept nogil:
     # a Content-Length said more than once goes as one line there)
     if h.cl_error or h.cl_repeated or h.upgrade or h.drop_overflow or h.names_fields:
         return False
-    # Expect: 100-continue goes up as it is, the 100 comes back as any
-    # interim answer; another expectation goes to the pure relay
+    # Expect: 100-continue is answered here (body_here_read()) and goes up
+    # as it is; another expectation goes to the pure relay
     if h.expect and not (h.expect_lines == 1 and h.expect_continue and h.minor == 1):
         return False
     # a chunked body, framed here; other codings, and CL with TE (refused),
@@ -4132,6 +4134,7 @@ cdef void conn_drop_held(Conn *c) noexcept nogil:
         c.edits.refs -= 1
         c.edits = NULL
     c.edit_resp = False
+    c.continued = False
     free(c.set_cookie)
     c.set_cookie = NULL
     c.set_cookie_len = 0
@@ -4318,9 +4321,9 @@ cdef bint body_here(Conn *c) noexcept nogil:
 
 
 cdef void body_here_read(Relay *R, Conn *c, double now) noexcept nogil:
-    """A request with a body, about to take its first try (its route
-    timeout set): where its body came whole with its head (body_here()),
-    its route timeout runs from now, its connect's time and a wait in line
+    """A request with a body, about to take its first try: where its body
+    came whole with its head (body_here()), its route timeout (if set)
+    runs from now, its connect's time and a wait in line
     for a connection counted, as Envoy's router's from the request's end
     (Filter::onRequestComplete: it buffers the body while the connection
     is made); else from the body's last byte read (request_read()). Its
@@ -4329,10 +4332,52 @@ cdef void body_here_read(Relay *R, Conn *c, double now) noexcept nogil:
     on the path of a request without a body (the caller's c.req_left).
     Called through BODY_HERE_READ: never inlined into its callers (the
     chunked machine's copy on its stack would cost them a stack-protector
-    canary, a request without a body too)."""
-    if c.resp_deadline == 0 and body_here(c):
-        c.resp_deadline = now + c.timeout
-        timer_at(R, c.resp_deadline)
+    canary, a request without a body too).
+
+    A body not here whose head says ``Expect: 100-continue`` (fast_head()
+    took one such line alone, HTTP/1.1: every other expectation, and an
+    HTTP/1.0 one, is the pure relay's) is told ``100 Continue`` now, as
+    Envoy's connection manager answers it itself (proxy_100_continue
+    false): the request goes upstream, so the client sends its body while
+    the connection is made, not after its own wait (curl's 1 s) or the
+    upstream's 100. The upstream's own 100 to it is dropped
+    (upstream_bytes(), c.continued): the client gets one. Not counted in
+    BYTES_SENT (c.client_bytes: no retry is lost to it, can_retry())."""
+    if body_here(c):
+        if c.timeout > 0 and c.resp_deadline == 0:
+            c.resp_deadline = now + c.timeout
+            timer_at(R, c.resp_deadline)
+    elif expects_continue(<const unsigned char*>c.inb.p, <Py_ssize_t>c.head_len):
+        if to_client(R, c, CONTINUE_100, CONTINUE_100_LEN) != 0:
+            return
+        c.continued = True
+        c.holds = True  # (conn_drop_held() clears c.continued at the exchange's end)
+
+
+cdef const char *CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+cdef size_t CONTINUE_100_LEN = 25
+
+
+cdef bint expects_continue(const unsigned char *b, Py_ssize_t n) noexcept nogil:
+    """Whether the request head b[:n] (its request line first, its empty
+    line last) has a line ``Expect: 100-continue`` (the name and the value
+    as ASCII case-insensitive, the value's blanks trimmed)."""
+    cdef Py_ssize_t i = 0, j, vs, ve
+    while i < n:
+        if b[i] == LF and i + 8 < n and (b[i + 1] | 0x20) == 0x65 \
+                and eq_lower(b + i + 1, b"expect", 6) and b[i + 7] == COLON:
+            vs = i + 8
+            j = vs
+            while j < n and b[j] != LF:
+                j += 1
+            ve = j
+            while vs < ve and (b[vs] == SP or b[vs] == HTAB):
+                vs += 1
+            while ve > vs and (b[ve - 1] == SP or b[ve - 1] == HTAB or b[ve - 1] == CR):
+                ve -= 1
+            return ve - vs == 12 and eq_lower(b + vs, b"100-continue", 12)
+        i += 1
+    return False
 
 
 cdef void (*BODY_HERE_READ)(Relay *R, Conn *c, double now) noexcept nogil
@@ -5638,7 +5683,10 @@ cdef int upstream_bytes(Relay *R, Conn *c, const char *data, size_t n, double no
         r = response_head_memo(R, c, <const unsigned char*>c.rhead.p, <Py_ssize_t>c.rhead.len,
                                &hl, memo)
     while r == 3:  # an interim head: to the client, then the next head
-        if not c.http10:  # (none to an HTTP/1.0 client: RFC 9110 §15.2)
+        # (none to an HTTP/1.0 client: RFC 9110 §15.2; nor a 100 where the
+        # relay said its own: body_here_read())
+        if not c.http10 and not (c.continued and c.rhead.p[9] == b'1'
+                                 and c.rhead.p[10] == b'0' and c.rhead.p[11] == b'0'):
             if to_client(R, c, c.rhead.p, <size_t>hl) != 0:
                 return -1
             c.client_bytes += hl  # (no retry after it: can_retry)
@@ -6658,8 +6706,10 @@ cdef void apply_verdict(Relay *R, Conn *c, Verdict_ *v, double now) noexcept nog
         return  # delayed (timers_due() goes on with it) or aborted
     if c.req_left == 0:
         request_read(R, c, now)  # a request without a body: its connect counts
-    elif c.timeout > 0:
-        BODY_HERE_READ(R, c, now)  # one whose body came with its head: its connect too
+    else:  # one whose body came with its head: its connect too; else its 100 Continue
+        BODY_HERE_READ(R, c, now)
+        if c.closed:
+            return  # (out of memory for the 100: aborted)
     try_ep(R, c, c.cand[0], now, True)
 
 
@@ -6726,8 +6776,10 @@ cdef void fault_over(Relay *R, Conn *c, double now) noexcept nogil:
         return
     if c.req_left == 0:
         request_read(R, c, now)
-    elif c.timeout > 0:
+    else:
         BODY_HERE_READ(R, c, now)
+        if c.closed:
+            return  # (out of memory for the 100: aborted)
     try_ep(R, c, c.cand[0], now, True)
 
 
@@ -11156,7 +11208,9 @@ cdef class HttpRelay:
                 raw = head + raw[hl:]
                 hl = len(head)
             if 100 <= resp.status < 200:  # interim: forward, another head follows
-                if not c.http10:  # (none to an HTTP/1.0 client: RFC 9110 §15.2)
+                # (none to an HTTP/1.0 client: RFC 9110 §15.2; nor a 100
+                # where the relay said its own: body_here_read())
+                if not c.http10 and not (c.continued and resp.status == 100):
                     if to_client(self.R, c, c.rhead.p, hl) != 0 or c.closed:
                         return  # out of memory: aborted
                     c.client_bytes += hl

@@ -75,6 +75,13 @@ Decisions
   (next) and, on a gateway listener's connection, its forwarding headers
   before them (:meth:`Exchange.forward`, ``forwarding.py``), and bodies
   never are.
+* *Expect: 100-continue* (Envoy's default, ``proxy_100_continue``
+  false): the relay says its own ``100 Continue`` to an HTTP/1.1 request
+  that expects it, its body not all here, as the request goes upstream
+  (:meth:`Exchange.continue_due`, the shell's first try); its head goes up
+  as it came, and the upstream's 100 to it is dropped: one reaches the
+  client. None before a local answer, to HTTP/1.0, to a request with no
+  body or its body here, to another expectation.
 * *One Content-Length* (RFC 9110 §8.6): a request whose Content-Length
   is said more than once, equal values (on two lines, or a list on one:
   ``5, 5``; the parser refuses differing ones), goes upstream with one
@@ -537,6 +544,10 @@ Action = (
 
 
 _DATE: tuple[int, str] = (0, "")  # http_date()'s second and its text
+
+
+# The relay's own interim answer to ``Expect: 100-continue`` (Exchange.continue_due).
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def http_date() -> str:
@@ -1234,6 +1245,7 @@ class Exchange:
         self._tries = 0  # the retry policy's retries so far (a failed connect's under on_connect)
         self._failed_connects = 0  # tries whose connect failed, moved on from, no policy's
         self._forwarded = False  # an interim response head went to the client
+        self._continued = False  # the relay said 100 Continue itself (continue_due)
         self._response_head = bytearray()  # response bytes before the final head
         # ... its first bytes that hold no end of a head (_response_head_bytes)
         self._response_clean = 0
@@ -1308,6 +1320,34 @@ class Exchange:
         except FramingError:
             return False, 0
         return framer.done, used
+
+    def continue_due(self) -> bool:
+        """In ROUTING, as the request goes upstream (the shell's first try,
+        after a fault's delay): whether the relay says ``100 Continue`` to
+        it now (then it does: :data:`CONTINUE_100`), as Envoy's connection
+        manager answers ``Expect: 100-continue`` itself (its default,
+        ``proxy_100_continue`` false): an HTTP/1.1 head with one Expect
+        line, ``100-continue`` (case-insensitive), whose body is not all
+        here (:meth:`_body_here`; none, or ``Content-Length: 0``: no 100,
+        RFC 9110 §10.1.1 lets a server omit it). The client sends its body
+        while the connection is made, not after its own wait (curl's 1 s)
+        or the upstream's 100, which is dropped (the head goes up as it
+        came): the client gets one. An HTTP/1.0 client gets none (RFC 9110
+        §15.2), nor a request answered locally (a route's answer, a fault's
+        abort: its body unsent, the connection closed after the answer).
+        The compiled twin's body_here_read()."""
+        head = self.head
+        if (
+            head is None
+            or not head.expect_continue  # (HTTP/1.1 and later: RequestHead's)
+            or self._continued
+            or self.phase != Phase.ROUTING
+            or sum(1 for name, _ in head.headers if name == "expect") != 1
+            or self._body_here()[0]
+        ):
+            return False
+        self._continued = True
+        return True
 
     @property
     def wants_client_data(self) -> bool:
@@ -1878,7 +1918,9 @@ class Exchange:
                     self._inbox.clear()
                 return [*out, self._done(resp.status, False), Tunnel()]
             if 100 <= resp.status < 200:  # interim (100 Continue, 103): another head follows
-                if not self._http10():  # (none to an HTTP/1.0 client: RFC 9110 §15.2)
+                # (none to an HTTP/1.0 client: RFC 9110 §15.2; nor a 100 where
+                # the relay said its own: continue_due)
+                if not self._http10() and not (self._continued and resp.status == 100):
                     out.append(Client(raw))
                     self._forwarded = True
                     self._replay = None  # (a try after it would answer twice)

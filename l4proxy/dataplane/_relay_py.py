@@ -379,6 +379,7 @@ from typing import Any, Final, NamedTuple
 
 from l4proxy.dataplane import accesslog
 from l4proxy.dataplane._exchange_py import (
+    CONTINUE_100,
     OVERFLOW_BODY,
     OVERFLOW_HEADERS,
     Action,
@@ -1790,6 +1791,8 @@ class HttpRelay:
         c.timeout = d.timeout
         retry = c.ex.retry
         c.per_try = retry.per_try_timeout if retry is not None else 0.0
+        if c.ex.continue_due():  # (Expect: 100-continue: not in BYTES_SENT)
+            c.out += CONTINUE_100
         self._try(c, c.candidates[0], now)
 
     def _falls(self, ppm: int) -> bool:
