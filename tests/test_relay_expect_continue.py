@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from l4proxy.dataplane._relay_py import Decision
+from l4proxy.dataplane.verdict import FAULT_SCALE, MIRROR_SCALE, Fault, Mirror
 from tests._scripted import (
     Scripted,
     _answer,
@@ -32,15 +33,19 @@ from tests._scripted import (
     _proxy,
     _response,
     _status,
+    _until,
     mode_fixture,  # noqa: F401  (the fixture mode)
     policy,
 )
 from tests._worker import gateway_service, gateway_worker
 from tests.test_relay_edges import Backend, _read_all, _read_head, _relay
+from tests.test_relay_mirror import COPY, Mirrored, _mirror_relay, _settled
 from tests.test_relay_retries_per_try_connect import SlowToAccept
 from tests.test_worker_connection_first_head import ROUTINGS, _routing
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+ABORT = Fault(abort_status=503, abort_ppm=FAULT_SCALE)
+DELAY = Fault(delay=0.2, delay_ppm=FAULT_SCALE)
 HEAD = b"POST /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
 BODIES = {
     "content-length": (b"Content-Length: 5\r\n\r\n", b"hello"),
@@ -364,6 +369,65 @@ def test_the_expectation_is_read_case_insensitively(mode: tuple[str, str]) -> No
         a.sendall(
             b"POST /x HTTP/1.1\r\nHost: a\r\nEXPECT:  100-Continue \r\nContent-Length: 5\r\n\r\n"
         )
+        assert _continued(a) == CONTINUE
+        a.sendall(b"hello")
+        got = _response(a)
+        a.close()
+    finally:
+        relay.close()
+        backend.close()
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok"), got
+    assert len(backend.requests) == 1 and backend.requests[0].endswith(b"hello")
+
+
+def test_a_mirrored_expecting_post_is_copied_with_its_body(mode: tuple[str, str]) -> None:
+    """A route mirroring every request: the client gets the relay's 100,
+    the primary and the copy each get the head (its Expect line kept) and
+    the body sent after the 100."""
+    backend = _ReadsBodies()
+    mirror = Mirrored()
+    copy = Mirror((mirror.endpoint,), ppm=MIRROR_SCALE, tag=COPY)
+    relay = _mirror_relay(mode, (backend.endpoint,), (copy,))
+    try:
+        a = _client(relay)
+        a.sendall(HEAD + b"Content-Length: 5\r\n\r\n")
+        assert _continued(a) == CONTINUE
+        a.sendall(b"hello")
+        got = _response(a)
+        a.close()
+        assert _until(lambda: len(mirror.requests) == 1, 5.0), mirror.requests
+        _settled(relay)
+    finally:
+        relay.close()
+        backend.close()
+        mirror.listener.close()
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok"), got
+    assert backend.requests[0].endswith(b"\r\n\r\nhello"), backend.requests
+    copied = mirror.requests[0][1]
+    assert b"\r\nExpect: 100-continue\r\n" in copied and copied.endswith(b"hello"), copied
+
+
+def test_a_faults_abort_comes_without_a_100_and_its_delay_before_it(
+    mode: tuple[str, str],
+) -> None:
+    """A fault's abort (the fault filter before the router): the 503 with
+    no 100 before it, the connection closed (the body never sent). A
+    fault's delay: the 100 once it passed, then the body goes up."""
+    backend = _ReadsBodies()
+    relay = _mirror_relay(mode, (backend.endpoint,), (), fault=ABORT)
+    try:
+        a = _client(relay)
+        a.sendall(HEAD + b"Content-Length: 5\r\n\r\n")
+        got, end = _read_all(a, 5.0)
+        a.close()
+    finally:
+        relay.close()
+    assert got.startswith(b"HTTP/1.1 503") and end == "EOF", (got, end)
+    assert b"connection: close" in got.lower() and not backend.requests, got
+    relay = _mirror_relay(mode, (backend.endpoint,), (), fault=DELAY)
+    try:
+        a = _client(relay)
+        a.sendall(HEAD + b"Content-Length: 5\r\n\r\n")
         assert _continued(a) == CONTINUE
         a.sendall(b"hello")
         got = _response(a)
