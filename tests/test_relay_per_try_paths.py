@@ -38,6 +38,7 @@ from tests._scripted import (
     _client,
     _closed_stats,
     _proxy,
+    _recv,
     _response,
     _status,
     _until,
@@ -153,15 +154,16 @@ POST_HEAD = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-co
 
 @pytest.mark.parametrize("late", [False, True])
 def test_body_sent_after_the_connection_is_ready(mode: tuple[str, str], late: bool) -> None:
-    """A client that asks for 100 Continue and sends its body 1.2 s later
-    anyway (past the per-try timeout of the connection's readiness): the
-    try timed from the body's end, the answer 0.5 s after it (the 200) or,
-    *late*, 1.6 s after (the 504)."""
+    """A client that asks for 100 Continue, gets the relay's, and sends
+    its body 1.2 s later (past the per-try timeout of the connection's
+    readiness): the try timed from the body's end, the answer 0.5 s after
+    it (the 200) or, *late*, 1.6 s after (the 504)."""
     up = Scripted([_after(1.6 if late else 0.5)])
     relay = _relay(mode, (up.endpoint,))
     try:
         c = _client(relay)
         c.sendall(POST_HEAD)
+        assert _recv(c, 25) == b"HTTP/1.1 100 Continue\r\n\r\n"
         time.sleep(1.2)
         got, took = _timed(c, lambda: c.sendall(b"hello"))
         stats = _closed_stats(c, relay)
