@@ -145,18 +145,22 @@ def _unreachable() -> str:
 # order): a long file handed out last would run alone at the end. Every
 # other file follows, in its usual order.
 LONGEST_FILES = (
-    "test_relay_twins.py",
     "test_sidecar.py",
-    "test_relay_twins_retries.py",
-    "test_worker_hand_over.py",
+    "test_relay_retries_per_try_connect.py",
     "test_demo.py",
+    "test_worker_hand_over.py",
+    "test_relay_per_try_paths.py",
+    "test_relay_twins.py",
+    "test_per_request.py",
     "test_relay_retries_connect_backoff.py",
     "test_single_process_watchdog.py",
-    "test_hardening_backends.py",
     "test_supervisor.py",
-    "test_per_request.py",
-    "test_init_netns.py",
+    "test_relay_timeout_body_connect.py",
+    "test_relay_watchdog.py",
+    "test_hardening_backends.py",
     "test_hardening_load.py",
+    "test_drain_listener_queue.py",
+    "test_init_netns.py",
 )
 
 
