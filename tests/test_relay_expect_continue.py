@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,19 @@ def _continued(a: socket.socket, timeout: float = 5.0) -> bytes:
         assert data, got
         got += data
     return got
+
+
+def _post_after_100(relay: Any) -> bytes:
+    """A POST expecting 100-continue (Content-Length: 5): the relay's 100
+    first, then its body; the response the client gets."""
+    a = _client(relay)
+    try:
+        a.sendall(HEAD + b"Content-Length: 5\r\n\r\n")
+        assert _continued(a) == CONTINUE
+        a.sendall(b"hello")
+        return _response(a)
+    finally:
+        a.close()
 
 
 def _upstream_continues(seen: list[bytes], interim: bytes = CONTINUE) -> Backend:
@@ -188,12 +202,7 @@ def test_the_upstreams_own_100_is_dropped(mode: tuple[str, str], interim: bytes)
     backend = _upstream_continues(seen, interim)
     relay = _proxy(mode, (backend.endpoint,), None)
     try:
-        a = _client(relay)
-        a.sendall(HEAD + b"Content-Length: 5\r\n\r\n")
-        assert _continued(a) == CONTINUE
-        a.sendall(b"hello")
-        got = _response(a)
-        a.close()
+        got = _post_after_100(relay)
     finally:
         relay.close()
         backend.close()
@@ -389,12 +398,7 @@ def test_a_mirrored_expecting_post_is_copied_with_its_body(mode: tuple[str, str]
     copy = Mirror((mirror.endpoint,), ppm=MIRROR_SCALE, tag=COPY)
     relay = _mirror_relay(mode, (backend.endpoint,), (copy,))
     try:
-        a = _client(relay)
-        a.sendall(HEAD + b"Content-Length: 5\r\n\r\n")
-        assert _continued(a) == CONTINUE
-        a.sendall(b"hello")
-        got = _response(a)
-        a.close()
+        got = _post_after_100(relay)
         assert _until(lambda: len(mirror.requests) == 1, 5.0), mirror.requests
         _settled(relay)
     finally:
@@ -426,12 +430,7 @@ def test_a_faults_abort_comes_without_a_100_and_its_delay_before_it(
     assert b"connection: close" in got.lower() and not backend.requests, got
     relay = _mirror_relay(mode, (backend.endpoint,), (), fault=DELAY)
     try:
-        a = _client(relay)
-        a.sendall(HEAD + b"Content-Length: 5\r\n\r\n")
-        assert _continued(a) == CONTINUE
-        a.sendall(b"hello")
-        got = _response(a)
-        a.close()
+        got = _post_after_100(relay)
     finally:
         relay.close()
         backend.close()

@@ -18,7 +18,7 @@ from l4proxy.dataplane._relay_py import Decision
 from tests._scripted import _client, _proxy, _response, mode_fixture, policy  # noqa: F401
 from tests.test_relay_circuit_breakers import _limits
 from tests.test_relay_edges import Backend, _read_all, _read_head, _relay
-from tests.test_relay_expect_continue import CONTINUE, HEAD, _continued
+from tests.test_relay_expect_continue import CONTINUE, HEAD, _continued, _post_after_100
 from tests.test_relay_retries_per_try_connect import SlowToAccept
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"  # (the body: a request)
@@ -170,12 +170,7 @@ def test_an_upstream_100_split_across_reads_is_dropped_a_103_is_not(
     backend = Backend(serve)
     relay = _proxy(mode, (backend.endpoint,), None)
     try:
-        a = _client(relay)
-        a.sendall(HEAD + b"Content-Length: 5\r\n\r\n")
-        assert _continued(a) == CONTINUE
-        a.sendall(b"hello")
-        got = _response(a)
-        a.close()
+        got = _post_after_100(relay)
     finally:
         relay.close()
         backend.close()
@@ -209,12 +204,7 @@ def test_each_tries_own_100_is_dropped(mode: tuple[str, str]) -> None:
     backend = Backend(serve)
     relay = _proxy(mode, (backend.endpoint,), policy(2, "5xx,reset"))
     try:
-        a = _client(relay)
-        a.sendall(HEAD + b"Content-Length: 5\r\n\r\n")
-        assert _continued(a) == CONTINUE
-        a.sendall(b"hello")
-        got = _response(a)
-        a.close()
+        got = _post_after_100(relay)
     finally:
         relay.close()
         backend.close()
