@@ -538,9 +538,8 @@ class Supervisor:
                     self.restarts_total += 1
                 first = False
                 if self.stopping and proc.returncode is None:
-                    self._stop_one(
-                        proc, slot.link, slot
-                    )  # started while the stop began: drain it too
+                    # started while the stop began: drain it too
+                    self._stop_one(proc, slot.link, slot)
                     if to_drain:
                         log.info(
                             "worker %d started to drain its listeners (pid %d)",
