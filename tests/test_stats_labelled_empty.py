@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,11 @@ def test_a_labelled_family_without_series_has_no_sample(
         }
         as_json = json.loads(_get(url + "/stats?format=json")[1])
         assert car.request("m-1") == 200
-        after = _get(url + "/stats")[1]
+        # (the compiled relay hands its rows over once a second: until they came)
+        deadline = time.monotonic() + 20
+        while "istio_requests_total{" not in (after := _get(url + "/stats")[1]):
+            assert time.monotonic() < deadline, after
+            time.sleep(0.05)
     for path, page in pages.items():
         samples = _samples(page)
         assert set(labelled) <= _types(page), path
